@@ -1,0 +1,239 @@
+"""Hessian-vector products, Hutchinson diagonals and curvature-aware masking.
+
+Part 4 of ``docs/method.md`` (ModalImmune, arXiv 2602.16197). This module is
+the one place in the library that computes Hessian-vector products; the
+hyper-gradient (:mod:`modalimmune_jax.hypergrad`) uses :func:`hvp` too.
+
+* :func:`hvp`: forward-over-reverse product ``H v`` for any params pytree
+  (Pearlmutter, 1994).
+* :func:`hutchinson_diagonal`: ``diag(H) ~ E[v * Hv]`` with Rademacher ``v``
+  (Hutchinson, 1989; Bekas et al., 2007).
+* :func:`curvature_mask`: an ``optax.GradientTransformationExtraArgs`` that
+  damps the (destructive part of the) update on high-curvature coordinates.
+  Like ``optax.contrib.sophia`` it takes the objective as the extra keyword
+  argument ``obj_fn``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "hvp",
+    "hvp_operator",
+    "rademacher_like",
+    "hutchinson_diagonal",
+    "CurvatureMaskState",
+    "curvature_mask",
+]
+
+PyTree = Any
+
+
+def hvp(fn: Callable[..., jax.Array], params: PyTree, tangents: PyTree,
+        *args: Any) -> PyTree:
+  """Hessian-vector product ``(d^2 fn / d params^2) @ tangents``.
+
+  Forward-over-reverse (``jax.jvp`` of ``jax.grad``): one product costs about
+  as much as two or three gradients and never forms the Hessian.
+
+  Args:
+    fn: scalar function ``fn(params, *args)``.
+    params: a pytree of arrays (the point where the Hessian is taken).
+    tangents: a pytree with the structure of ``params``.
+    *args: further arguments of ``fn``, held fixed.
+
+  Returns:
+    A pytree with the structure of ``params``.
+
+  Example:
+    >>> f = lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)
+    >>> w, x = jnp.ones(3), jnp.ones((5, 3))
+    >>> hv = hvp(f, w, jnp.array([1.0, 0.0, 0.0]), x)  # first Hessian column
+  """
+  grad_fn = lambda p: jax.grad(fn)(p, *args)
+  return jax.jvp(grad_fn, (params,), (tangents,))[1]
+
+
+def hvp_operator(fn: Callable[..., jax.Array], params: PyTree,
+                 *args: Any) -> Callable[[PyTree], PyTree]:
+  """The linear map ``v -> H v`` at ``params``, linearised once.
+
+  ``jax.linearize`` of the gradient runs the forward and backward pass once;
+  each call of the returned function then costs only the linear part. Use it
+  when many products are taken at the same point (iterative solvers).
+
+  Example:
+    >>> f = lambda w: jnp.sum(jnp.sin(w) ** 2)
+    >>> hv = hvp_operator(f, jnp.ones(3))
+    >>> col0, col1 = hv(jnp.eye(3)[0]), hv(jnp.eye(3)[1])
+  """
+  grad_fn = lambda p: jax.grad(fn)(p, *args)
+  return jax.linearize(grad_fn, params)[1]
+
+
+def rademacher_like(key: jax.Array, tree: PyTree) -> PyTree:
+  """A pytree like ``tree`` of independent +-1 entries in each leaf's dtype."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  out = [jax.random.rademacher(k, jnp.shape(x), dtype=jnp.result_type(x))
+         for k, x in zip(keys, leaves)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def hutchinson_diagonal(fn: Callable[..., jax.Array], params: PyTree,
+                        key: jax.Array, num_samples: int = 1,
+                        *args: Any) -> PyTree:
+  """Hutchinson estimate of the Hessian diagonal, ``mean_s v_s * (H v_s)``.
+
+  Unbiased; the variance of coordinate ``i`` is ``sum_{j != i} H_ij^2 /
+  num_samples``. Samples are taken one after the other (``lax.scan``) so the
+  memory does not grow with ``num_samples``.
+
+  Args:
+    fn: scalar function ``fn(params, *args)``.
+    params: a pytree of arrays.
+    key: a PRNG key.
+    num_samples: number of Rademacher probes (static).
+    *args: further arguments of ``fn``.
+
+  Returns:
+    A pytree with the structure of ``params``.
+
+  Example:
+    >>> f = lambda w: 0.5 * jnp.sum(jnp.arange(1.0, 4.0) * w ** 2)
+    >>> hutchinson_diagonal(f, jnp.zeros(3), jax.random.key(0), 4)
+    Array([1., 2., 3.], dtype=float32)
+  """
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+  def one(acc, k):
+    v = rademacher_like(k, params)
+    hv = hvp(fn, params, v, *args)
+    return jax.tree.map(lambda a, x, y: a + x * y, acc, v, hv), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  total, _ = jax.lax.scan(one, zeros, jax.random.split(key, num_samples))
+  return jax.tree.map(lambda t: t / num_samples, total)
+
+
+class CurvatureMaskState(NamedTuple):
+  """State of :func:`curvature_mask`.
+
+  Attributes:
+    count: steps taken.
+    key: PRNG key for the Rademacher probes.
+    num_refreshes: how many curvature estimates the EMA holds.
+    diag_ema: EMA of the Hutchinson diagonal (debiased when read).
+    scale: the per-coordinate factor applied to the masked updates, recomputed
+      at each refresh (1 where the update passes unchanged).
+  """
+  count: chex.Array
+  key: chex.PRNGKey
+  num_refreshes: chex.Array
+  diag_ema: optax.Updates
+  scale: optax.Updates
+
+
+def _leaf_scale(h: jax.Array, mode: str, quantile: float,
+                beta: float) -> jax.Array:
+  a = jnp.abs(h)
+  if mode == "hard":
+    threshold = jnp.quantile(a.ravel(), quantile)
+    return (a <= threshold).astype(h.dtype)
+  return (1.0 / (1.0 + beta * a)).astype(h.dtype)
+
+
+def curvature_mask(mode: str = "hard", quantile: float = 0.9,
+                   beta: float = 1.0, refresh_every: int = 10,
+                   num_samples: int = 1, ema_decay: float = 0.9,
+                   seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Curvature-aware gradient masking (ModalImmune, part 4).
+
+  Keeps an EMA of the Hutchinson diagonal ``h`` of the objective, refreshed
+  every ``refresh_every`` steps (the refresh is gated by ``lax.cond``, so the
+  other steps cost one multiply per coordinate). With ``mode="hard"``,
+  coordinates whose ``|h|`` is above the ``quantile`` of their leaf have their
+  update zeroed; with ``mode="soft"`` it is scaled by ``1 / (1 + beta |h|)``.
+
+  If the extra argument ``destructive`` (a pytree like ``updates``) is given,
+  only that part of the update is masked and the rest passes unchanged:
+  ``out = (updates - destructive) + scale * destructive``. Otherwise the whole
+  update is masked.
+
+  Args:
+    mode: ``"hard"`` or ``"soft"``.
+    quantile: per-leaf quantile of ``|h|`` above which ``"hard"`` masks.
+    beta: strength of the ``"soft"`` scaling.
+    refresh_every: steps between curvature estimates (step 0 refreshes).
+    num_samples: Rademacher probes per estimate.
+    ema_decay: decay of the EMA of the diagonal.
+    seed: seed of the probe PRNG key kept in the state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
+    ``params`` and the keyword ``obj_fn`` (a scalar function of ``params``).
+
+  Example:
+    >>> opt = optax.chain(curvature_mask(refresh_every=10), optax.adam(1e-3))
+    >>> state = opt.init(params)
+    >>> loss = lambda p: objective(p, batch)
+    >>> grads = jax.grad(loss)(params)
+    >>> updates, state = opt.update(grads, state, params, obj_fn=loss)
+  """
+  if mode not in ("hard", "soft"):
+    raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
+  if not 0.0 <= quantile <= 1.0:
+    raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+  if refresh_every < 1:
+    raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+
+  def init_fn(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return CurvatureMaskState(
+        count=jnp.zeros([], jnp.int32),
+        key=jax.random.key(seed),
+        num_refreshes=jnp.zeros([], jnp.int32),
+        diag_ema=zeros,
+        scale=jax.tree.map(jnp.ones_like, params))
+
+  def refresh(state, params, obj_fn):
+    key, sub = jax.random.split(state.key)
+    h = hutchinson_diagonal(obj_fn, params, sub, num_samples)
+    n = state.num_refreshes + 1
+    ema = jax.tree.map(lambda e, x: ema_decay * e + (1.0 - ema_decay) * x,
+                       state.diag_ema, h)
+    debias = 1.0 - ema_decay ** n.astype(jnp.float32)
+    scale = jax.tree.map(
+        lambda e: _leaf_scale(e / debias.astype(e.dtype), mode, quantile, beta),
+        ema)
+    return state._replace(key=key, num_refreshes=n, diag_ema=ema, scale=scale)
+
+  def update_fn(updates, state, params=None, *, obj_fn=None, destructive=None,
+                **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("curvature_mask needs params in update()")
+    if obj_fn is None:
+      raise ValueError("curvature_mask needs the keyword argument obj_fn "
+                       "(a scalar function of params) in update()")
+    state = jax.lax.cond(state.count % refresh_every == 0,
+                         lambda s: refresh(s, params, obj_fn),
+                         lambda s: s, state)
+    if destructive is None:
+      new = jax.tree.map(lambda u, s: u * s, updates, state.scale)
+    else:
+      new = jax.tree.map(lambda u, d, s: u - d + s * d,
+                         updates, destructive, state.scale)
+    state = state._replace(count=optax.safe_increment(state.count))
+    return new, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

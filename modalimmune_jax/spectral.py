@@ -1,0 +1,205 @@
+"""Spectral collapse measures and penalties for batches of embeddings.
+
+Pure, jittable, vmappable functions of a batch of embeddings ``z`` of shape
+``(B, k)``. They implement part 1 of ``docs/method.md`` (ModalImmune,
+arXiv 2602.16197): the effective rank of Roy & Vetterli (2007), a collapse
+severity in ``[0, 1]``, the spectrum-adaptive soft tail energy penalty, and the
+collapsed view used by the destructive intervention.
+
+All spectra come from ``eigh`` of the smaller Gram matrix (``k x k`` when
+``k <= B``, else ``B x B``), whose eigenvalues are the squared singular values
+of ``z``. Only eigenvalues are differentiated (``d lambda_i = v_i^T dA v_i``),
+which is finite for repeated and zero eigenvalues; entropies use a guarded
+``p log p``; an all-zero batch has zero energy and is treated as fully
+collapsed. Nothing here returns NaN on a rank-1 or all-zero batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "energy_spectrum",
+    "singular_spectrum",
+    "energy_shares",
+    "effective_rank",
+    "max_rank",
+    "collapse_severity",
+    "collapse_penalty",
+    "tail_weights",
+    "collapsed_view",
+]
+
+_TINY = 1e-12
+
+
+def _prepare(z: jax.Array, center: bool) -> jax.Array:
+  z = jnp.asarray(z)
+  if z.ndim != 2:
+    raise ValueError(f"expected embeddings of shape (B, k), got shape {z.shape}")
+  if not jnp.issubdtype(z.dtype, jnp.floating):
+    z = z.astype(jnp.float32)
+  if center:
+    z = z - jnp.mean(z, axis=0, keepdims=True)
+  return z
+
+
+def max_rank(z_shape: tuple[int, ...], center: bool = True) -> int:
+  """The largest rank a ``(B, k)`` batch can have: ``min(B - center, k)``."""
+  b, k = z_shape
+  return max(min(b - int(center), k), 0)
+
+
+def energy_spectrum(z: jax.Array, center: bool = True) -> jax.Array:
+  """Squared singular values of ``z`` (centred by default), in descending order.
+
+  Returns ``min(B, k)`` non-negative values; differentiable, with finite
+  gradients also for repeated and zero values.
+
+  Example:
+    >>> z = jax.random.normal(jax.random.key(0), (32, 8))
+    >>> lam = energy_spectrum(z)  # shape (8,)
+  """
+  z = _prepare(z, center)
+  b, k = z.shape
+  gram = z.T @ z if k <= b else z @ z.T
+  gram = 0.5 * (gram + gram.T)
+  lam = jnp.linalg.eigvalsh(gram)[::-1]
+  return jnp.maximum(lam, 0.0)
+
+
+def singular_spectrum(z: jax.Array, center: bool = True) -> jax.Array:
+  """Singular values ``s_1 >= ... >= s_r`` of ``z`` (centred by default).
+
+  The square root is guarded so that zero singular values have zero gradient
+  instead of an infinite one. Computed from the Gram matrix, so in float32 a
+  value near zero is accurate to about ``sqrt(eps) * s_1`` (~3e-4 s_1); the
+  energies that the penalties use are accurate to ``eps * s_1^2``.
+
+  Example:
+    >>> s = singular_spectrum(jnp.eye(4, 3), center=False)  # [1., 1., 1.]
+  """
+  lam = energy_spectrum(z, center)
+  positive = lam > _TINY
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, lam, 1.0)), 0.0)
+
+
+def energy_shares(z: jax.Array, center: bool = True) -> jax.Array:
+  """Energy shares ``p_i = s_i^2 / sum_j s_j^2`` (all zero for a zero batch)."""
+  lam = energy_spectrum(z, center)
+  total = jnp.sum(lam)
+  return lam / jnp.maximum(total, _TINY)
+
+
+def _entropy(p: jax.Array) -> jax.Array:
+  positive = p > 0
+  safe = jnp.where(positive, p, 1.0)
+  return -jnp.sum(jnp.where(positive, p * jnp.log(safe), 0.0))
+
+
+def effective_rank(z: jax.Array, center: bool = True) -> jax.Array:
+  """Effective rank ``exp(-sum_i p_i log p_i)`` (Roy & Vetterli, 2007).
+
+  Lies in ``[1, max_rank]``; an all-zero batch has effective rank 1.
+
+  Example:
+    >>> z = jax.random.normal(jax.random.key(0), (256, 4))
+    >>> float(effective_rank(z))  # close to 4 for isotropic data
+    3.9...
+  """
+  return jnp.exp(_entropy(energy_shares(z, center)))
+
+
+def collapse_severity(z: jax.Array, center: bool = True) -> jax.Array:
+  """Collapse severity ``1 - (erank - 1) / (r - 1)`` in ``[0, 1]``.
+
+  ``r = max_rank(z.shape)``: 0 for an isotropic batch, 1 for a rank-1 (or
+  zero) batch. Needs ``r >= 2`` (at least 3 samples and 2 features when
+  centred), checked from the static shape.
+
+  Example:
+    >>> z = jnp.outer(jnp.arange(8.0), jnp.ones(3))  # rank 1
+    >>> float(collapse_severity(z))
+    1.0
+  """
+  r = max_rank(jnp.shape(z), center)
+  if r < 2:
+    raise ValueError(
+        f"collapse_severity needs a batch of rank >= 2 possible; shape "
+        f"{jnp.shape(z)} allows rank {r}")
+  s = 1.0 - (effective_rank(z, center) - 1.0) / (r - 1.0)
+  return jnp.clip(s, 0.0, 1.0)
+
+
+def tail_weights(p: jax.Array, kappa: float | jax.Array,
+                 eta: float | jax.Array) -> jax.Array:
+  """Soft tail weights ``w_i = sigmoid((c_i - kappa) / eta)``.
+
+  ``c_i = sum_{j<i} p_j`` is the energy held by the directions before ``i``,
+  so directions after the ``kappa`` energy quantile get weights near 1.
+  """
+  c = jnp.cumsum(p) - p
+  return jax.nn.sigmoid((c - kappa) / eta)
+
+
+def collapse_penalty(z: jax.Array, kappa: float | jax.Array = 0.9,
+                     eta: float | jax.Array = 0.05,
+                     center: bool = True) -> jax.Array:
+  """Spectrum-adaptive soft tail energy ``R(z) = sum_i sg(w_i) p_i``.
+
+  Minimising it moves energy out of the directions beyond the ``kappa`` energy
+  quantile of the current spectrum, i.e. it collapses ``z`` towards its head
+  directions. The tail weights see the spectrum through ``stop_gradient``
+  (``w_i = sigmoid((sg(c_i) - kappa) / eta)``): the gradient in ``z`` does not
+  move the tail boundary, while ``kappa`` and ``eta`` stay differentiable, so
+  the hyper-gradient of part 5 can tune them.
+
+  Args:
+    z: embeddings, shape ``(B, k)``.
+    kappa: energy quantile in ``(0, 1)`` beyond which directions are the tail.
+    eta: softness (temperature) of the tail boundary, ``> 0``.
+    center: centre ``z`` over the batch first.
+
+  Returns:
+    A scalar in ``[0, 1]``.
+
+  Example:
+    >>> z = jax.random.normal(jax.random.key(0), (64, 16))
+    >>> loss = lambda z: collapse_penalty(z, kappa=0.8, eta=0.05)
+    >>> g = jax.grad(loss)(z)  # finite, pushes z towards low rank
+  """
+  p = energy_shares(z, center)
+  w = tail_weights(jax.lax.stop_gradient(p), kappa, eta)
+  return jnp.sum(w * p)
+
+
+def collapsed_view(z: jax.Array, kappa: float | jax.Array = 0.9,
+                   center: bool = True) -> jax.Array:
+  """Projection of ``z`` onto the top directions holding ``kappa`` of its energy.
+
+  Keeps direction ``i`` while the energy before it, ``c_i``, is below
+  ``kappa`` (so at least the first direction is always kept), projects the
+  (centred) rows onto them and adds the batch mean back. The projector is
+  held constant in the gradient, so gradients flow to ``z`` linearly and never
+  through eigenvectors. Used by the destructive intervention of ModalImmune.
+
+  Example:
+    >>> z = jax.random.normal(jax.random.key(0), (32, 8))
+    >>> zc = collapsed_view(z, kappa=0.5)
+    >>> int(jnp.linalg.matrix_rank(zc - zc.mean(0)))  # a few directions only
+    3
+  """
+  z = jnp.asarray(z)
+  if z.ndim != 2:
+    raise ValueError(f"expected embeddings of shape (B, k), got shape {z.shape}")
+  mean = jnp.mean(z, axis=0, keepdims=True) if center else jnp.zeros_like(z[:1])
+  zc = z - mean
+  gram = jax.lax.stop_gradient(zc.T @ zc)
+  lam, vecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
+  lam, vecs = jnp.maximum(lam[::-1], 0.0), vecs[:, ::-1]
+  p = lam / jnp.maximum(jnp.sum(lam), _TINY)
+  c = jnp.cumsum(p) - p
+  keep = (c < kappa).astype(z.dtype)
+  proj = jax.lax.stop_gradient((vecs * keep) @ vecs.T)
+  return zc @ proj + mean
