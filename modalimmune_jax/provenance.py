@@ -1,0 +1,59 @@
+"""What produced a result: command, commit, machine, library versions.
+
+Every result file this project writes carries :func:`provenance` so a number
+can be traced back to the command, code and machine that measured it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+
+def _git(*args: str) -> str | None:
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                         timeout=10, check=True)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip()
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+  """A JSON-able record of the command, commit, machine and versions.
+
+  Example:
+    >>> record = {"results": ..., "provenance": provenance(seed=0)}
+  """
+  import jax  # imported here so that importing this module stays cheap
+
+  status = _git("status", "--porcelain", "--untracked-files=no")
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "numpy"):
+    try:
+      module = __import__(name, fromlist=["__version__"])
+      versions[name] = getattr(module, "__version__", "?")
+    except ImportError:
+      pass
+  return {
+      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "cwd": os.getcwd(),
+      "commit": _git("rev-parse", "HEAD"),
+      "dirty": bool(status) if status is not None else None,
+      "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "machine": {
+          "platform": platform.platform(),
+          "processor": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(),
+          "python": platform.python_version(),
+          "jax_backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()],
+      },
+      "versions": versions,
+      **extra,
+  }
