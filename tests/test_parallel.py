@@ -1,0 +1,63 @@
+"""N devices and N processes give the same update as one device on the same global batch."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT
+
+WORKER = os.path.join(ROOT, "tests", "dp_worker.py")
+
+
+def _env(**extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  env.update(extra)
+  return env
+
+
+def test_four_devices_match_one(tmp_path):
+  out = str(tmp_path / "dev.npz")
+  proc = subprocess.run([sys.executable, WORKER, "devices", out], capture_output=True,
+                        text=True, timeout=300,
+                        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = np.load(out)
+  assert int(res["devices"]) == 4
+  assert not np.allclose(res["one"], np.load(out)["one"] * 0)  # trained something
+  np.testing.assert_allclose(res["many"], res["one"], rtol=2e-5, atol=2e-6)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+  from tests.dp_worker import run_steps, worker_config
+  out = str(tmp_path / "proc.npz")
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, WORKER, "process", out, port, "2", str(pid)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+           for pid in range(2)]
+  errors = []
+  for p in procs:
+    try:
+      _, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      _, err = p.communicate()
+    if p.returncode != 0:
+      errors.append(err[-3000:])
+  assert not errors, "\n---\n".join(errors)
+  res = np.load(out)
+  assert int(res["devices"]) == 2 and int(res["processes"]) == 2
+  one, _ = run_steps(worker_config(), num_devices=1)
+  np.testing.assert_allclose(res["params"], one, rtol=2e-5, atol=2e-6)

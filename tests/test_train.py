@@ -1,0 +1,176 @@
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from modalimmune_jax import train
+from modalimmune_jax.config import ConfigError, base_config, validate_config
+from tests.helpers import ROOT, flat, get_config, restore_params
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  config = get_config()
+  workdir = str(tmp_path_factory.mktemp("full"))
+  return config, train.train_and_evaluate(config, workdir), workdir
+
+
+def test_smoke_run_writes_results(uninterrupted):
+  config, summary, workdir = uninterrupted
+  for name in ("results.md", "results.json", "metrics.jsonl", "config.json"):
+    assert os.path.isfile(os.path.join(workdir, name)), name
+  md = open(os.path.join(workdir, "results.md")).read()
+  assert "| full |" in md and "| text only |" in md and "commit:" in md
+  assert summary["protocol"]["rows"][0]["condition"] == "full"
+  assert np.all(np.isfinite(flat(summary["final_params"])))
+
+
+def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
+  config, full, _ = uninterrupted
+  workdir = str(tmp_path)
+  config = get_config()
+  config.train.stop_after = 7  # not a multiple of checkpoint.every (6)
+  first = train.train_and_evaluate(config, workdir)
+  assert first["stopped"]
+  config.train.stop_after = 0
+  second = train.train_and_evaluate(config, workdir)
+  assert second["start_step"] == 7 and not second["stopped"]
+  np.testing.assert_array_equal(flat(second["final_params"]), flat(full["final_params"]))
+
+
+def _corrupt(step_dir):
+  for root, _, files in os.walk(step_dir):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"\x00garbage")
+
+
+def test_corrupt_checkpoint_falls_back_to_older(uninterrupted, tmp_path):
+  _, full, _ = uninterrupted
+  config = get_config()
+  workdir = str(tmp_path)
+  config.train.stop_after = 9  # checkpoints at 6 and 9
+  train.train_and_evaluate(config, workdir)
+  _corrupt(os.path.join(workdir, "checkpoints", "9"))
+  config.train.stop_after = 0
+  resumed = train.train_and_evaluate(config, workdir)
+  assert resumed["start_step"] == 6
+  np.testing.assert_array_equal(flat(resumed["final_params"]), flat(full["final_params"]))
+
+
+def _nan_method(prob):
+  def term(out, batch, rng):
+    return jnp.where(jax.random.uniform(rng) < prob, jnp.nan, 0.0), {}
+  return train.Method("nan-injector", loss_terms=(term,))
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+  config = get_config()
+  config.train.max_nonfinite = 1000
+  config.checkpoint.enabled = False
+  summary = train.train_and_evaluate(config, str(tmp_path), method=_nan_method(0.5))
+  assert 0 < summary["nonfinite_skipped"] < config.train.steps
+  assert np.all(np.isfinite(flat(summary["final_params"])))
+
+
+def test_nonfinite_stop_names_the_step(tmp_path):
+  config = get_config()
+  config.train.on_nonfinite = "stop"
+  config.checkpoint.enabled = False
+  with pytest.raises(train.NonFiniteError, match=r"at step 0 .*stopping"):
+    train.train_and_evaluate(config, str(tmp_path), method=_nan_method(1.0))
+
+
+def test_skipped_step_leaves_state_untouched():
+  params = {"w": jnp.ones(3)}
+  opt = optax.adam(0.1)
+  opt_state = opt.init(params)
+  loss_fn = lambda p, b, rng: (jnp.sum(p["w"]) * b, {"loss": jnp.sum(p["w"]) * b})
+  step = jax.jit(train.make_train_step(loss_fn, opt))
+  p1, s1, m1 = step(params, opt_state, jnp.nan, jax.random.key(0))
+  assert float(m1["nonfinite"]) == 1.0
+  np.testing.assert_array_equal(p1["w"], params["w"])
+  assert int(s1[0].count) == 0
+  p2, s2, m2 = step(params, opt_state, 1.0, jax.random.key(0))
+  assert float(m2["nonfinite"]) == 0.0 and not np.array_equal(p2["w"], params["w"])
+
+
+def test_config_validation_names_the_key():
+  config = base_config()
+  validate_config(config)
+  with config.unlocked():
+    config.train.stepz = 3
+  with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'; did you mean 'train.steps'"):
+    validate_config(config)
+  config = base_config()
+  config.model.dropout = 1.5
+  with pytest.raises(ConfigError, match="model.dropout"):
+    validate_config(config)
+  config = base_config()
+  config.data.name = "mosi"
+  with pytest.raises(ConfigError, match="data.path"):
+    validate_config(config)
+  for name in ("synthetic", "mfeat", "mosi", "mosei", "iemocap"):
+    for variant in ("", "smoke"):
+      c = get_config(name, variant)
+      if name in ("mosi", "mosei", "iemocap"):
+        c.data.path = "x.pkl"
+      validate_config(c)
+
+
+def _main(*args, timeout=120):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "modalimmune_jax.main", *args],
+                        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_command_line_rejects_bad_overrides(tmp_path):
+  cfg = "--config=experiments/configs/synthetic.py:smoke"
+  bad_key = _main(cfg, f"--workdir={tmp_path}", "--config.train.stepz=3")
+  assert bad_key.returncode != 0
+  assert "stepz" in bad_key.stderr
+  bad_value = _main(cfg, f"--workdir={tmp_path}", "--config.train.steps=many")
+  assert bad_value.returncode != 0
+  assert "train.steps" in bad_value.stderr or "many" in bad_value.stderr
+  bad_choice = _main(cfg, f"--workdir={tmp_path}", "--config.train.regression_loss=huber")
+  assert bad_choice.returncode == 2
+  assert "train.regression_loss" in bad_choice.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_parameters(uninterrupted, tmp_path):
+  """SIGKILL at an arbitrary moment, rerun, and compare with the uninterrupted run."""
+  _, full, _ = uninterrupted
+  config = get_config()
+  workdir = str(tmp_path)
+  args = ["--config=experiments/configs/synthetic.py:smoke", f"--workdir={workdir}",
+          "--config.checkpoint.every=1", "--config.eval.removals=none",
+          "--config.eval.missing_rates=()", "--config.eval.snrs_db=()"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-m", "modalimmune_jax.main", *args], cwd=ROOT,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  try:
+    import time
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a few checkpoints exist
+      steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+      if len(steps) >= 1 and max(map(int, steps)) >= 3:
+        break
+      time.sleep(0.05)
+    proc.kill()
+  finally:
+    proc.wait(timeout=60)
+  killed_at = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert killed_at < config.train.steps, "the run finished before it was killed"
+  done = _main(*args, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  step, params = restore_params(config, workdir)
+  assert step == config.train.steps
+  np.testing.assert_array_equal(flat(params), flat(full["final_params"]))
