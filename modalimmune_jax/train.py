@@ -132,8 +132,7 @@ def task_loss(task: str, outputs: jax.Array, labels: jax.Array,
   if task == "regression":
     err = outputs - labels
     return jnp.mean(jnp.abs(err)) if regression_loss == "l1" else jnp.mean(err ** 2)
-  if task == "classification":
-    return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
+  # classification (B, C) vs (B,), or multi-label (B, C, 2) vs (B, C)
   return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
 
 

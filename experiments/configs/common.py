@@ -16,3 +16,27 @@ def smoke(config):
   config.eval.missing_rates = (0.5,)
   config.eval.snrs_db = (0.0,)
   return config
+
+
+def pickle_config(name, variant=""):
+  """CMU-MOSI / CMU-MOSEI / IEMOCAP from a MulT or MMSA pickle.
+
+  The file comes from ``--config.data.path=FILE`` or the environment variable
+  ``MODALIMMUNE_<NAME>`` (no data is downloaded at run time).
+  """
+  import os
+  config = base_config()
+  config.data.name = name
+  config.data.path = os.environ.get(f"MODALIMMUNE_{name.upper()}", "")
+  config.model.hidden = 64
+  config.model.encoder_layers = 1
+  config.train.steps = 3000
+  config.train.batch_size = 32
+  config.train.eval_every = 500
+  config.checkpoint.every = 500
+  config.eval.frame_rates = (0.1, 0.3, 0.5)
+  if variant == "smoke":
+    smoke(config)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; use '' or 'smoke'")
+  return config
