@@ -24,6 +24,26 @@ def _git(*args: str) -> str | None:
   return out.stdout.strip()
 
 
+def _command() -> str:
+  """The command as typed: ``python -m pkg.mod args`` for ``-m`` runs."""
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  head = (["python", "-m", spec.name] if spec is not None and spec.name
+          else [os.path.basename(sys.executable)] + sys.argv[:1])
+  return " ".join(head + sys.argv[1:])
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def provenance(**extra: Any) -> dict[str, Any]:
   """A JSON-able record of the command, commit, machine and versions.
 
@@ -41,14 +61,14 @@ def provenance(**extra: Any) -> dict[str, Any]:
     except ImportError:
       pass
   return {
-      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "command": _command(),
       "cwd": os.getcwd(),
       "commit": _git("rev-parse", "HEAD"),
       "dirty": bool(status) if status is not None else None,
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "machine": {
           "platform": platform.platform(),
-          "processor": platform.processor() or platform.machine(),
+          "processor": _cpu_model(),
           "cpu_count": os.cpu_count(),
           "python": platform.python_version(),
           "jax_backend": jax.default_backend(),

@@ -199,13 +199,19 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
     obj_fn = lambda p: objective(p)[0]
-    updates, new_opt_state = optimizer.update(grads, opt_state, params, obj_fn=obj_fn)
-    new_params = optax.apply_updates(params, updates)
+
+    def apply(_):
+      updates, new_opt_state = optimizer.update(grads, opt_state, params, obj_fn=obj_fn)
+      return optax.apply_updates(params, updates), new_opt_state
+
+    # lax.cond rather than a per-leaf select: same result, half the XLA
+    # compile time on CPU (one select kernel per leaf of params and state).
     finite = _all_finite((loss, grads))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_params, new_opt_state = jax.lax.cond(finite, apply, lambda _: (params, opt_state),
+                                             None)
     metrics = dict(metrics, nonfinite=1.0 - finite.astype(jnp.float32),
                    grad_norm=optax.tree.norm(grads))
-    return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+    return new_params, new_opt_state, metrics
 
   return step
 

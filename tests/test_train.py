@@ -174,3 +174,33 @@ def test_killed_run_resumes_to_the_same_parameters(uninterrupted, tmp_path):
   step, params = restore_params(config, workdir)
   assert step == config.train.steps
   np.testing.assert_array_equal(flat(params), flat(full["final_params"]))
+
+
+@pytest.mark.parametrize("name,filename,layout", [
+    ("mosi", "mosi_data.pkl", "mult"),
+    ("mosei", "unaligned_50.pkl", "mmsa"),
+    ("iemocap", "iemocap_data_noalign.pkl", "mult"),
+])
+def test_trains_end_to_end_on_benchmark_layouts(tmp_path, name, filename, layout):
+  from tests import fakes
+  path = tmp_path / filename
+  if layout == "mult":
+    fakes.write_mult(path, name, aligned="noalign" not in filename)
+  else:
+    import pickle
+    rng = np.random.default_rng(0)
+    data = {s: fakes.mmsa_record(n, rng, aligned=False, audio_width=74, vision_width=35)
+            for s, n in fakes.SIZES.items()}
+    with open(path, "wb") as f:
+      pickle.dump(data, f)
+  config = get_config(name, "smoke")
+  config.data.path = str(path)
+  config.train.steps = 3
+  config.train.batch_size = 4
+  config.checkpoint.enabled = False
+  config.eval.frame_rates = (0.5,)
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  rows = {r["condition"]: r for r in summary["protocol"]["rows"]}
+  assert {"full", "text only", "frame missing 0.5", "noise 0 dB"} <= set(rows)
+  key = {"mosi": "Has0_acc_2", "mosei": "MAE", "iemocap": "acc_4class"}[name]
+  assert rows["full"][key] is not None
