@@ -43,6 +43,8 @@ def main(argv) -> int:
   del argv
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" noise
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines
   from modalimmune_jax.config import ConfigError, validate_config
   config = FLAGS.config
   try:

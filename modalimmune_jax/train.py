@@ -515,7 +515,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   conditions += [protocol.gaussian_noise(s) for s in config.eval.snrs_db]
   result = protocol.evaluate(lambda b: predict(final_params, device_batch(b)), split,
                              conditions, batch_size=config.eval.batch_size,
-                             seed=config.eval.seed)
+                             seed=config.eval.seed,
+                             progress=lambda it: tqdm(it, desc="protocol", unit="condition",
+                                                      disable=not is_main, dynamic_ncols=True))
   headline = HEADLINE[dataset.task]
   summary["valid"] = evaluate_split(predict, final_params, dataset.splits["valid"],
                                     config.eval.batch_size, dataset.task)
