@@ -294,7 +294,8 @@ def _data_to_keys(tree, template):
 
 
 class Checkpointer:
-  """Orbax ``CheckpointManager`` for ``(params, opt_state)`` + JSON metadata.
+  """Orbax ``CheckpointManager`` for params, optimiser state and the base PRNG key,
+  with JSON metadata (step, data position ``(epoch, batch)``, counters).
 
   :meth:`restore_latest` walks back from the newest step until one restores,
   so a checkpoint that was cut off or corrupted costs only the steps since the
@@ -307,14 +308,16 @@ class Checkpointer:
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                                              create=True))
 
-  def save(self, step: int, params, opt_state, meta: dict) -> None:
-    tree = {"params": params, "opt_state": _keys_to_data(opt_state)}
+  def save(self, step: int, params, opt_state, rng, meta: dict) -> None:
+    tree = {"params": params, "opt_state": _keys_to_data(opt_state),
+            "rng": jax.random.key_data(rng)}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
 
-  def restore_latest(self, params, opt_state):
-    """``(step, params, opt_state, meta)`` of the newest good checkpoint, or None."""
-    template = {"params": params, "opt_state": _keys_to_data(opt_state)}
+  def restore_latest(self, params, opt_state, rng):
+    """``(step, params, opt_state, rng, meta)`` of the newest good checkpoint, or None."""
+    template = {"params": params, "opt_state": _keys_to_data(opt_state),
+                "rng": jax.random.key_data(rng)}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -326,7 +329,7 @@ class Checkpointer:
         continue
       state = restored.state
       return (step, state["params"], _data_to_keys(state["opt_state"], opt_state),
-              dict(restored.meta))
+              jax.random.wrap_key_data(state["rng"]), dict(restored.meta))
     if self.manager.all_steps():
       raise RuntimeError(f"{self.directory}: no checkpoint restores (steps "
                          f"{sorted(self.manager.all_steps())}); move the directory away "
@@ -413,9 +416,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           if config.checkpoint.enabled else None)
   start, skipped_total, train_seconds = 0, 0, 0.0
   if ckpt is not None:
-    restored = ckpt.restore_latest(params, opt_state)
+    restored = ckpt.restore_latest(params, opt_state, base_rng)
     if restored is not None:
-      start, params, opt_state, meta = restored
+      start, params, opt_state, base_rng, meta = restored
       skipped_total = int(meta.get("nonfinite_skipped", 0))
       train_seconds = float(meta.get("train_seconds", 0.0))
       if is_main:
@@ -435,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if ckpt is None:
       return
     epoch, b = batches.position(step)
-    ckpt.save(step, params, opt_state, {"step": step, "epoch": epoch, "batch": b,
+    ckpt.save(step, params, opt_state, base_rng, {"step": step, "epoch": epoch, "batch": b,
                                         "nonfinite_skipped": skipped_total,
                                         "train_seconds": train_seconds})
 

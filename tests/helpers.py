@@ -30,7 +30,7 @@ def restore_params(config, workdir):
   opt_state = train.make_optimizer(config).init(params)
   ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"), 2)
   try:
-    step, params, _, _ = ckpt.restore_latest(params, opt_state)
+    step, params, _, _, _ = ckpt.restore_latest(params, opt_state, jax.random.key(0))
   finally:
     ckpt.close()
   return step, params
