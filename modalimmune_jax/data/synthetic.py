@@ -61,6 +61,13 @@ def make_synthetic(num_samples: tuple[int, int, int] = (1000, 200, 400),
     ...                     task="regression", seed=1)
   """
   shapes = dict(shapes or {"text": (1, 32), "audio": (1, 16), "vision": (1, 16)})
+  for m, shape in shapes.items():
+    if (len(tuple(shape)) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0
+                                          for v in shape)):
+      raise ValueError(f"shapes[{m!r}] must be (L, d) with positive integers, got {shape!r}")
+  if len(num_samples) != 3 or min(num_samples) < 1:
+    raise ValueError(f"num_samples must be 3 positive sizes (train, valid, test), "
+                     f"got {num_samples!r}")
   if task not in ("classification", "regression"):
     raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
   names = list(shapes)
