@@ -434,6 +434,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       log_file.write(json.dumps(record) + "\n")
       log_file.flush()
 
+  if start:  # records after this line supersede earlier ones with a larger step
+    write_log({"event": "resume", "step": start})
+
   def save(step):
     if ckpt is None:
       return

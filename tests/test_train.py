@@ -204,3 +204,23 @@ def test_trains_end_to_end_on_benchmark_layouts(tmp_path, name, filename, layout
   assert {"full", "text only", "frame missing 0.5", "noise 0 dB"} <= set(rows)
   key = {"mosi": "Has0_acc_2", "mosei": "MAE", "iemocap": "acc_4class"}[name]
   assert rows["full"][key] is not None
+
+
+def test_curvature_mask_in_the_loop_survives_resume(uninterrupted, tmp_path):
+  """A method's optax transformation gets obj_fn in the real step, and its state
+  (which holds a typed PRNG key) is checkpointed and restored exactly."""
+  from modalimmune_jax.curvature import curvature_mask
+  method = train.Method("masked", transforms=(curvature_mask("hard", refresh_every=2),))
+  config = get_config()
+  config.eval.removals = "none"
+  full = train.train_and_evaluate(config, str(tmp_path / "full"), method=method)
+  config.train.stop_after = 5
+  train.train_and_evaluate(config, str(tmp_path / "resumed"), method=method)
+  config.train.stop_after = 0
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"), method=method)
+  assert resumed["start_step"] == 5
+  np.testing.assert_array_equal(flat(resumed["final_params"]), flat(full["final_params"]))
+  _, unmasked, _ = uninterrupted  # the same config without the mask
+  assert not np.array_equal(flat(unmasked["final_params"]), flat(full["final_params"]))
+  log = open(tmp_path / "resumed" / "metrics.jsonl").read()
+  assert '{"event": "resume", "step": 5}' in log
