@@ -44,6 +44,7 @@ from modalimmune_jax import protocol
 from modalimmune_jax.config import validate_config
 from modalimmune_jax.metrics import HEADLINE, compute_metrics
 from modalimmune_jax.model import MultimodalModel
+from modalimmune_jax.plots import plot_protocol
 from modalimmune_jax.provenance import provenance
 
 __all__ = [
@@ -382,7 +383,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Writes into ``workdir``: ``config.json``, ``metrics.jsonl`` (train and
   validation logs), ``checkpoints/``, and at the end ``results.md`` /
-  ``results.json`` (the missing-modality table with its provenance). Returns
+  ``results.json`` (the missing-modality table with its provenance) and
+  ``results.png`` (the headline metric per condition). Returns
   the summary dict written to ``results.json`` (``"stopped": True`` when
   ``train.stop_after`` ended the run early).
   """
@@ -536,6 +538,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       json.dump(record, f, indent=2, default=float)
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(render_results(record, result))
+    plot_protocol(result, headline, os.path.join(workdir, "results.png"),
+                  title=f"{method.name} on {dataset.name}, {config.eval.split} split")
   summary["table"] = result
   return summary
 

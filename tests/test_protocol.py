@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -101,3 +102,15 @@ def test_evaluate_and_render(split):
   assert parsed["meta"]["conditions"][1]["params"] == {"kept": ["text", "audio"]}
   again = protocol.evaluate(predict, split, conds, batch_size=7, seed=0)
   assert again.to_json() == result.to_json()
+
+
+def test_plot_protocol_writes_png(split, tmp_path):
+  from modalimmune_jax.plots import plot_protocol
+  conds = [protocol.full()] + protocol.keep_one_conditions(split.modality_names)
+  a = protocol.evaluate(lambda b: np.eye(4)[b["presence"].sum(1) % 4], split, conds)
+  b = protocol.evaluate(lambda b: np.eye(4)[np.zeros(len(b["labels"]), int)], split, conds)
+  for name, results in (("one.png", a), ("two.png", {"a": a, "b": b})):
+    path = plot_protocol(results, "accuracy", str(tmp_path / name))
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(path) > 5000

@@ -23,8 +23,10 @@ def uninterrupted(tmp_path_factory):
 
 def test_smoke_run_writes_results(uninterrupted):
   config, summary, workdir = uninterrupted
-  for name in ("results.md", "results.json", "metrics.jsonl", "config.json"):
+  for name in ("results.md", "results.json", "metrics.jsonl", "config.json", "results.png"):
     assert os.path.isfile(os.path.join(workdir, name)), name
+  with open(os.path.join(workdir, "results.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   md = open(os.path.join(workdir, "results.md")).read()
   assert "| full |" in md and "| text only |" in md and "commit:" in md
   assert summary["protocol"]["rows"][0]["condition"] == "full"
