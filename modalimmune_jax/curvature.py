@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = [
@@ -141,12 +142,27 @@ class CurvatureMaskState(NamedTuple):
   scale: optax.Updates
 
 
+def _order_statistic(x: jax.Array, j: int) -> jax.Array:
+  """The ``j``-th smallest entry of the 1-D ``x`` (0-based), by ``lax.top_k``.
+
+  Takes the top-k from whichever end is nearer, so for ``q = 0.9`` it touches
+  10 % of the entries: several times faster than a full sort on CPU.
+  """
+  n = x.size
+  if n - j <= j + 1:
+    return jax.lax.top_k(x, n - j)[0][-1]
+  return -jax.lax.top_k(-x, j + 1)[0][-1]
+
+
 def _leaf_scale(h: jax.Array, mode: str, quantile: float,
                 beta: float) -> jax.Array:
   a = jnp.abs(h)
   if mode == "hard":
-    threshold = jnp.quantile(a.ravel(), quantile)
-    return (a <= threshold).astype(h.dtype)
+    # |h| <= quantile_q(|h|) (linear interpolation) holds exactly when
+    # |h| <= s_j, the j-th smallest, j = floor(q (n - 1)): the interpolated
+    # quantile lies in [s_j, s_{j+1}).
+    j = int(np.floor(quantile * (a.size - 1)))
+    return (a <= _order_statistic(a.ravel(), j)).astype(h.dtype)
   return (1.0 / (1.0 + beta * a)).astype(h.dtype)
 
 

@@ -124,3 +124,15 @@ def test_errors_are_clear():
     tx.update(jnp.zeros(2), state, jnp.zeros(2))
   with pytest.raises(ValueError, match="mode"):
     curvature.curvature_mask("medium")
+
+
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.7, 0.9, 0.95, 1.0])
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1001])
+def test_hard_scale_equals_quantile_rule(q, n):
+  """The top-k threshold keeps exactly the coordinates with |h| <= quantile_q(|h|)."""
+  rng = np.random.default_rng(n)
+  h = rng.normal(size=n).astype(np.float32)
+  h[: n // 3] = h[n // 3: 2 * (n // 3)]  # ties
+  got = curvature._leaf_scale(jnp.asarray(h), "hard", q, 1.0)
+  want = (np.abs(h) <= np.quantile(np.abs(h), q)).astype(np.float32)
+  np.testing.assert_array_equal(got, want)
