@@ -146,12 +146,14 @@ def _order_statistic(x: jax.Array, j: int) -> jax.Array:
   """The ``j``-th smallest entry of the 1-D ``x`` (0-based), by ``lax.top_k``.
 
   Takes the top-k from whichever end is nearer, so for ``q = 0.9`` it touches
-  10 % of the entries: several times faster than a full sort on CPU.
+  10 % of the entries. The ``min`` of the top-k values, not ``[-1]``: XLA turns
+  a top-k followed by that slice into a full sort (65k entries on CPU: 15 ms
+  against 3 ms).
   """
   n = x.size
   if n - j <= j + 1:
-    return jax.lax.top_k(x, n - j)[0][-1]
-  return -jax.lax.top_k(-x, j + 1)[0][-1]
+    return jnp.min(jax.lax.top_k(x, n - j)[0])  # the (n - j)-th largest
+  return -jnp.min(jax.lax.top_k(-x, j + 1)[0])  # the (j + 1)-th smallest
 
 
 def _leaf_scale(h: jax.Array, mode: str, quantile: float,
