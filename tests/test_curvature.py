@@ -81,8 +81,6 @@ def test_soft_mask_and_destructive_part():
 
 
 def test_refresh_schedule_and_ema():
-  scale = {"a": jnp.array(1.0)}
-  obj = lambda p: 0.5 * scale["a"] * jnp.sum(p ** 2)
   tx = curvature.curvature_mask("soft", beta=1.0, refresh_every=3, ema_decay=0.5)
   params = jnp.zeros(2)
   state = tx.init(params)

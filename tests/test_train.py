@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from modalimmune_jax import train
 from modalimmune_jax.config import ConfigError, base_config, validate_config
