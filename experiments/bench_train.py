@@ -23,8 +23,6 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"))
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from modalimmune_jax import train  # noqa: E402
 from modalimmune_jax.provenance import provenance  # noqa: E402
@@ -40,14 +38,9 @@ def workloads():
 
 
 def bench(config, steps):
-  ds = train.load_data(config)
-  graphdef, params = nnx.split(train.build_model(config, ds))
-  opt = train.make_optimizer(config)
-  opt_state = opt.init(params)
-  mesh = train.make_mesh(config.train.num_devices)
-  params, opt_state = jax.device_put((params, opt_state), NamedSharding(mesh, P()))
-  step = train.make_parallel_step(train.make_loss_fn(graphdef, config, ds.task), opt, mesh)
-  batches = train._Batches(ds.splits["train"], config.train.batch_size, config.seed)
+  run = train.setup(config)
+  params, opt_state, step, batches, mesh = (run.params, run.opt_state, run.step_fn,
+                                            run.batches, run.mesh)
   rng = jax.random.key(0)
   t0 = time.perf_counter()
   params, opt_state, m = step(params, opt_state, train.shard_batch(batches(0), mesh), rng)

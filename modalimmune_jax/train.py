@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from modalimmune_jax import data as data_lib
 from modalimmune_jax import protocol
 from modalimmune_jax.config import validate_config
-from modalimmune_jax.metrics import HEADLINE, compute_metrics
+from modalimmune_jax.metrics import HEADLINE
 from modalimmune_jax.model import MultimodalModel
 from modalimmune_jax.plots import plot_protocol
 from modalimmune_jax.provenance import provenance
@@ -50,7 +50,7 @@ from modalimmune_jax.provenance import provenance
 __all__ = [
     "Method", "PLAIN", "NonFiniteError", "load_data", "build_model", "make_optimizer",
     "task_loss", "make_loss_fn", "make_train_step", "make_mesh", "make_parallel_step",
-    "shard_batch", "make_predict_fn", "train_and_evaluate",
+    "shard_batch", "make_predict_fn", "Batches", "Setup", "setup", "train_and_evaluate",
 ]
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ class Checkpointer:
 
 # ------------------------------------------------------------------- loop ----
 
-class _Batches:
+class Batches:
   """Global batch for step ``s``: epoch ``s // spe``, batch ``s % spe``."""
 
   def __init__(self, split: data_lib.MultimodalSplit, batch_size: int, seed: int):
@@ -367,14 +367,52 @@ class _Batches:
     return device_batch(self.split.batch(self._order[b]))
 
 
+class Setup(NamedTuple):
+  """Everything a training loop needs, built from a config (see :func:`setup`)."""
+  dataset: data_lib.MultimodalDataset
+  graphdef: nnx.GraphDef
+  params: Any
+  opt_state: Any
+  optimizer: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  step_fn: Callable
+  batches: "Batches"
+
+
+def setup(config: ml_collections.ConfigDict, method: Method = PLAIN, *,
+          optimizer: optax.GradientTransformation | None = None,
+          num_devices: int | None = None,
+          dataset: data_lib.MultimodalDataset | None = None) -> Setup:
+  """Data, model split into ``(graphdef, params)``, optimiser, mesh and the
+  data-parallel step, with params and optimiser state replicated on the mesh.
+
+  ``optimizer`` defaults to :func:`make_optimizer` with the method's
+  transforms; ``num_devices`` to ``config.train.num_devices``.
+  """
+  dataset = dataset or load_data(config)
+  mesh = make_mesh(config.train.num_devices if num_devices is None else num_devices)
+  if config.train.batch_size % mesh.devices.size:
+    raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
+                     f"the {mesh.devices.size} devices")
+  graphdef, params = nnx.split(build_model(config, dataset))
+  optimizer = optimizer or make_optimizer(config, method.transforms)
+  params, opt_state = jax.device_put((params, optimizer.init(params)),
+                                     NamedSharding(mesh, P()))
+  step_fn = make_parallel_step(make_loss_fn(graphdef, config, dataset.task, method),
+                               optimizer, mesh)
+  batches = Batches(dataset.splits["train"], config.train.batch_size, config.seed)
+  return Setup(dataset, graphdef, params, opt_state, optimizer, mesh, step_fn, batches)
+
+
 def _jsonable(metrics: dict) -> dict:
   return {k: float(v) for k, v in metrics.items()}
 
 
-def evaluate_split(predict, params, split, batch_size, task) -> dict:
-  outs = [np.asarray(predict(params, device_batch(split.batch(idx))))
-          for idx in split.batch_indices(batch_size)]
-  return compute_metrics(task, np.concatenate(outs), split.labels)
+def evaluate_split(predict, params, split, batch_size) -> dict:
+  """Metrics of ``split`` with every modality present."""
+  result = protocol.evaluate(lambda b: predict(params, device_batch(b)), split,
+                             [protocol.full()], batch_size=batch_size)
+  return result.get("full")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -391,27 +429,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate_config(config)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  dataset = load_data(config)
+  dataset = load_data(config)  # loaded here to warn before the model is built
   for split, counts in dataset.meta.get("nonfinite", {}).items():
     if sum(counts.values()) and is_main:
       log.warning("%s: replaced non-finite values: %s", split, counts)
-  train_split = dataset.splits["train"]
-  mesh = make_mesh(config.train.num_devices)
-  n_dev = mesh.devices.size
-  if config.train.batch_size % n_dev:
-    raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
-                     f"the {n_dev} devices")
-
-  model = build_model(config, dataset)
-  graphdef, params = nnx.split(model)
-  optimizer = make_optimizer(config, method.transforms)
-  opt_state = optimizer.init(params)
-  replicated = NamedSharding(mesh, P())
-  params, opt_state = jax.device_put((params, opt_state), replicated)
-  loss_fn = make_loss_fn(graphdef, config, dataset.task, method)
-  step_fn = make_parallel_step(loss_fn, optimizer, mesh)
+  run = setup(config, method, dataset=dataset)
+  graphdef, params, opt_state, mesh = run.graphdef, run.params, run.opt_state, run.mesh
+  step_fn, batches, n_dev = run.step_fn, run.batches, mesh.devices.size
   predict = make_predict_fn(graphdef)
-  batches = _Batches(train_split, config.train.batch_size, config.seed)
   base_rng = jax.random.key(config.seed)
 
   ckpt = (Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
@@ -484,7 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    "nonfinite_skipped": skipped_total})
       if config.train.eval_every and done % config.train.eval_every == 0 and done < steps:
         values = evaluate_split(predict, _local(params), dataset.splits["valid"],
-                                config.eval.batch_size, dataset.task)
+                                config.eval.batch_size)
         write_log({"step": done, "split": "valid", **values})
       if ckpt is not None and (done % config.checkpoint.every == 0 or done == steps
                                or done == stop_after):
@@ -528,7 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                       disable=not is_main, dynamic_ncols=True))
   headline = HEADLINE[dataset.task]
   summary["valid"] = evaluate_split(predict, final_params, dataset.splits["valid"],
-                                    config.eval.batch_size, dataset.task)
+                                    config.eval.batch_size)
   summary["protocol"] = result.to_dict()
   summary["headline_metric"] = headline
   record = {k: v for k, v in summary.items() if k != "final_params"}

@@ -27,20 +27,12 @@ def run_steps(config, num_devices=0, steps=STEPS):
   import jax
   import numpy as np
   import optax
-  from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
   from modalimmune_jax import train
 
-  ds = train.load_data(config)
-  graphdef, params = nnx.split(train.build_model(config, ds))
-  opt = optax.sgd(0.05)
-  opt_state = opt.init(params)
-  mesh = train.make_mesh(num_devices)
-  replicated = NamedSharding(mesh, P())
-  params, opt_state = jax.device_put((params, opt_state), replicated)
-  step = train.make_parallel_step(train.make_loss_fn(graphdef, config, ds.task), opt, mesh)
-  batches = train._Batches(ds.splits["train"], config.train.batch_size, config.seed)
+  run = train.setup(config, optimizer=optax.sgd(0.05), num_devices=num_devices)
+  params, opt_state, step, batches, mesh = (run.params, run.opt_state, run.step_fn,
+                                            run.batches, run.mesh)
   rng = jax.random.key(config.seed)
   for s in range(steps):
     params, opt_state, metrics = step(params, opt_state, train.shard_batch(batches(s), mesh),

@@ -5,7 +5,6 @@ import os
 
 import jax
 import numpy as np
-from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,12 +24,10 @@ def flat(tree):
 def restore_params(config, workdir):
   """Params of the newest checkpoint in ``workdir`` (and its step)."""
   from modalimmune_jax import train
-  ds = train.load_data(config)
-  graphdef, params = nnx.split(train.build_model(config, ds))
-  opt_state = train.make_optimizer(config).init(params)
+  run = train.setup(config, num_devices=1)
   ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"), 2)
   try:
-    step, params, _, _, _ = ckpt.restore_latest(params, opt_state, jax.random.key(0))
+    step, params, _, _, _ = ckpt.restore_latest(run.params, run.opt_state, jax.random.key(0))
   finally:
     ckpt.close()
   return step, params
