@@ -35,11 +35,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0      # mfeat split seed
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.num_samples = (1000, 200, 400)
+  # ml-collections sorts the keys of a dict: the modality order is explicit.
+  c.data.synthetic.modalities = ("text", "audio", "vision")
   c.data.synthetic.shapes = {"text": (1, 32), "audio": (1, 16), "vision": (1, 16)}
   c.data.synthetic.task = "classification"
   c.data.synthetic.num_classes = 4
   c.data.synthetic.num_factors = 8
-  c.data.synthetic.dominant = ""
+  c.data.synthetic.dominant = "text"  # the modality that sees every factor
   c.data.synthetic.noise = 0.5
   c.data.synthetic.weak_noise = 2.0
   c.data.synthetic.redundancy = 0.25
@@ -52,8 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.mlp_ratio = 2
   c.model.dropout = 0.0
-  c.model.property_vectors = False
-  c.model.reconstruction = False
+  c.model.property_vectors = True   # ModalImmune part 2, on for every method
+  c.model.reconstruction = True
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3
@@ -63,8 +65,40 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0      # global-norm clip; 0 = off
 
   c.method = ml_collections.ConfigDict()
-  c.method.name = "plain"
+  c.method.name = "plain"               # plain | dropout | modalimmune
   c.method.reconstruction_weight = 1.0  # mu, used when model.reconstruction
+  c.method.dropout = ml_collections.ConfigDict()
+  c.method.dropout.rate = 0.3           # per (sample, modality), at least one kept
+  c.method.dropout.rates = ()           # one rate per modality (overrides rate)
+  mi = c.method.modalimmune = ml_collections.ConfigDict()
+  mi.collapse = True            # collapse regulariser lambda * sum alpha_m R(z_m)
+  mi.collapse_weight = 0.1      # lambda (initial value under BHGD)
+  mi.kappa = 0.9                # energy quantile of the tail
+  mi.eta = 0.05                 # softness of the tail boundary
+  mi.interventions = True       # destructive interventions
+  mi.p_destroy = 0.3
+  mi.intervention = "collapse"  # collapse | drop
+  mi.controller = True          # information-gain controller; False = uniform alpha
+  mi.ctrl_every = 10
+  mi.ctrl_decay = 0.9
+  mi.ctrl_tau = 0.1
+  mi.ctrl_explore = 0.1
+  mi.curvature_mask = True      # mask the destructive gradient by curvature
+  mi.mask_mode = "hard"         # hard | soft
+  mi.mask_quantile = 0.9
+  mi.mask_beta = 1.0
+  mi.mask_every = 10
+  mi.mask_samples = 1
+  mi.bhgd = True                # tune lambda, kappa, eta, mu by hyper-gradient
+  mi.hyper_every = 50
+  mi.hyper_lr = 0.05
+  mi.hyper_solver = "cg"        # cg | neumann
+  mi.hyper_terms = 20
+  mi.hyper_damping = 0.1
+  mi.hyper_rel_tol = 0.5        # apply only if error_bound <= rel_tol * ||hypergrad||
+  mi.hyper_batch_size = 64
+  mi.hyper_removals = "drop_one"  # validation patterns (protocol.REMOVALS) + full
+  mi.hyper_missing_rates = (0.5,)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -116,7 +150,12 @@ _CHOICES = {
     "data.name": ("synthetic", "mfeat", "mosi", "mosei", "iemocap"),
     "data.synthetic.task": ("classification", "regression"),
     "optim.schedule": ("cosine", "constant"),
-    "method.name": ("plain",),
+    "method.name": ("plain", "dropout", "modalimmune"),
+    "method.modalimmune.intervention": ("collapse", "drop"),
+    "method.modalimmune.mask_mode": ("hard", "soft"),
+    "method.modalimmune.hyper_solver": ("cg", "neumann"),
+    "method.modalimmune.hyper_removals": ("all", "drop_one", "keep_one", "drop_one+keep_one",
+                                          "none"),
     "train.regression_loss": ("l1", "mse"),
     "train.on_nonfinite": ("skip", "stop"),
     "eval.split": ("train", "valid", "test"),
@@ -124,7 +163,30 @@ _CHOICES = {
 }
 _POSITIVE = ("model.hidden", "model.num_heads", "model.mlp_ratio", "model.encoder_layers",
              "train.steps", "train.batch_size", "eval.batch_size", "train.max_nonfinite",
-             "checkpoint.every", "checkpoint.max_to_keep")
+             "checkpoint.every", "checkpoint.max_to_keep",
+             "method.modalimmune.collapse_weight", "method.modalimmune.eta",
+             "method.modalimmune.ctrl_every", "method.modalimmune.ctrl_tau",
+             "method.modalimmune.mask_every", "method.modalimmune.mask_samples",
+             "method.modalimmune.hyper_every", "method.modalimmune.hyper_lr",
+             "method.modalimmune.hyper_terms", "method.modalimmune.hyper_damping",
+             "method.modalimmune.hyper_rel_tol", "method.modalimmune.hyper_batch_size",
+             "method.reconstruction_weight")
+# key -> (low, high, low_open, high_open)
+_INTERVALS = {
+    "model.dropout": (0.0, 1.0, False, True),
+    "method.dropout.rate": (0.0, 1.0, False, True),
+    "method.modalimmune.kappa": (0.0, 1.0, True, True),
+    "method.modalimmune.p_destroy": (0.0, 1.0, False, False),
+    "method.modalimmune.ctrl_decay": (0.0, 1.0, False, True),
+    "method.modalimmune.ctrl_explore": (0.0, 1.0, False, False),
+    "method.modalimmune.mask_quantile": (0.0, 1.0, False, False),
+}
+
+
+def _in_interval(value, low, high, low_open, high_open) -> bool:
+  above = value > low if low_open else value >= low
+  below = value < high if high_open else value <= high
+  return above and below
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -151,8 +213,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in _POSITIVE:
     if given[key] <= 0:
       raise ConfigError(f"config key {key!r} must be positive, got {given[key]!r}")
-  if not 0.0 <= given["model.dropout"] < 1.0:
-    raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {given['model.dropout']}")
+  for key, bounds in _INTERVALS.items():
+    if not _in_interval(given[key], *bounds):
+      low, high, low_open, high_open = bounds
+      interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+      raise ConfigError(f"config key {key!r} must be in {interval}, got {given[key]!r}")
+  rates = given["method.dropout.rates"]
+  if not all(isinstance(r, (int, float)) and 0.0 <= r < 1.0 for r in rates):
+    raise ConfigError(f"config key 'method.dropout.rates' must be rates in [0, 1), got {rates!r}")
+  missing = given["method.modalimmune.hyper_missing_rates"]
+  if not all(isinstance(r, (int, float)) and 0.0 <= r < 1.0 for r in missing):
+    raise ConfigError("config key 'method.modalimmune.hyper_missing_rates' must be rates in "
+                      f"[0, 1), got {missing!r}")
+  syn_mods = tuple(given["data.synthetic.modalities"])
+  syn_shapes = given["data.synthetic.shapes"]
+  if sorted(syn_mods) != sorted(syn_shapes) or len(set(syn_mods)) != len(syn_mods):
+    raise ConfigError(f"config key 'data.synthetic.modalities' {syn_mods} must list the keys "
+                      f"of 'data.synthetic.shapes' {sorted(syn_shapes)} once each")
+  if given["data.synthetic.dominant"] not in syn_mods:
+    raise ConfigError(f"config key 'data.synthetic.dominant' must be one of {syn_mods}, got "
+                      f"{given['data.synthetic.dominant']!r}")
   if given["model.hidden"] % given["model.num_heads"]:
     raise ConfigError("config key 'model.hidden' must be divisible by 'model.num_heads'")
   if given["data.name"] in ("mosi", "mosei", "iemocap") and not given["data.path"]:

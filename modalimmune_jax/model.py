@@ -147,17 +147,18 @@ class MultimodalModel(nnx.Module):
   def __call__(self, inputs: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
                presence: jax.Array, *, train: bool = False, rngs: Any = None,
                embedding_hook: Callable | None = None) -> dict[str, jax.Array]:
-    """Returns ``outputs``, ``embeddings`` ``(B, M, k)``, ``fused``,
-    ``presence`` (after the hook) and, with the generator, ``reconstructions``."""
+    """Returns ``outputs``, ``embeddings`` ``(B, M, k)`` (the encoders' output,
+    before ``embedding_hook``), ``fused``, ``presence`` (after the hook) and,
+    with the generator, ``reconstructions`` (from the hooked embeddings)."""
     missing = [m for m in self.names if m not in inputs]
     if missing:
       raise KeyError(f"batch lacks modalities {missing}; model has {self.names}")
     z = jnp.stack([self.encoders[m](inputs[m], masks[m], train=train, rngs=rngs)
                    for m in self.names], axis=1)
     present = presence.astype(bool)
+    result = {"embeddings": z}  # what the encoders produced, before any intervention
     if embedding_hook is not None:
       z, present = embedding_hook(z, present)
-    result = {"embeddings": z}
     tokens = jnp.where(present[..., None], z, 0.0)
     fill = jnp.zeros_like(z)
     if self.use_reconstruction:

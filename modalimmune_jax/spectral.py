@@ -28,21 +28,35 @@ __all__ = [
     "collapse_severity",
     "collapse_penalty",
     "tail_weights",
+    "tail_energy",
     "collapsed_view",
 ]
 
 _TINY = 1e-12
 
 
-def _prepare(z: jax.Array, center: bool) -> jax.Array:
+def _prepare(z: jax.Array, center: bool, axis_name: str | None = None) -> jax.Array:
   z = jnp.asarray(z)
   if z.ndim != 2:
     raise ValueError(f"expected embeddings of shape (B, k), got shape {z.shape}")
   if not jnp.issubdtype(z.dtype, jnp.floating):
     z = z.astype(jnp.float32)
   if center:
-    z = z - jnp.mean(z, axis=0, keepdims=True)
+    mean = jnp.mean(z, axis=0, keepdims=True)
+    if axis_name is not None:  # equal shards: the mean of means is the global mean
+      mean = jax.lax.pmean(mean, axis_name)
+    z = z - mean
   return z
+
+
+def _gram(z: jax.Array, axis_name: str | None) -> jax.Array:
+  """The smaller Gram matrix; ``k x k`` summed over devices with ``axis_name``."""
+  b, k = z.shape
+  if axis_name is not None:
+    gram = jax.lax.psum(z.T @ z, axis_name)
+  else:
+    gram = z.T @ z if k <= b else z @ z.T
+  return 0.5 * (gram + gram.T)
 
 
 def max_rank(z_shape: tuple[int, ...], center: bool = True) -> int:
@@ -51,21 +65,21 @@ def max_rank(z_shape: tuple[int, ...], center: bool = True) -> int:
   return max(min(b - int(center), k), 0)
 
 
-def energy_spectrum(z: jax.Array, center: bool = True) -> jax.Array:
+def energy_spectrum(z: jax.Array, center: bool = True,
+                    axis_name: str | None = None) -> jax.Array:
   """Squared singular values of ``z`` (centred by default), in descending order.
 
   Returns ``min(B, k)`` non-negative values; differentiable, with finite
-  gradients also for repeated and zero values.
+  gradients also for repeated and zero values. Inside ``shard_map`` /
+  ``pmap`` with ``axis_name`` (rows of the global batch split over devices,
+  equal shards), it is the spectrum of the *global* batch (``k`` values, from
+  the ``psum`` of the local ``k x k`` Gram matrices), the same on every device.
 
   Example:
     >>> z = jax.random.normal(jax.random.key(0), (32, 8))
     >>> lam = energy_spectrum(z)  # shape (8,)
   """
-  z = _prepare(z, center)
-  b, k = z.shape
-  gram = z.T @ z if k <= b else z @ z.T
-  gram = 0.5 * (gram + gram.T)
-  lam = jnp.linalg.eigvalsh(gram)[::-1]
+  lam = jnp.linalg.eigvalsh(_gram(_prepare(z, center, axis_name), axis_name))[::-1]
   return jnp.maximum(lam, 0.0)
 
 
@@ -85,9 +99,10 @@ def singular_spectrum(z: jax.Array, center: bool = True) -> jax.Array:
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, lam, 1.0)), 0.0)
 
 
-def energy_shares(z: jax.Array, center: bool = True) -> jax.Array:
+def energy_shares(z: jax.Array, center: bool = True,
+                  axis_name: str | None = None) -> jax.Array:
   """Energy shares ``p_i = s_i^2 / sum_j s_j^2`` (all zero for a zero batch)."""
-  lam = energy_spectrum(z, center)
+  lam = energy_spectrum(z, center, axis_name)
   total = jnp.sum(lam)
   return lam / jnp.maximum(total, _TINY)
 
@@ -143,9 +158,21 @@ def tail_weights(p: jax.Array, kappa: float | jax.Array,
   return jax.nn.sigmoid((c - kappa) / eta)
 
 
+def tail_energy(p: jax.Array, kappa: float | jax.Array,
+                eta: float | jax.Array) -> jax.Array:
+  """``sum_i w_i p_i`` with the tail weights seeing ``p`` through ``stop_gradient``.
+
+  The penalty of :func:`collapse_penalty` as a function of the energy shares
+  ``p``: linear in ``p`` as far as its derivatives in ``p`` go (the weights
+  are held), differentiable in ``kappa`` and ``eta``. The hyper-gradient uses
+  this form: a loss linear in an output has a zero (so PSD) Gauss-Newton block.
+  """
+  return jnp.sum(tail_weights(jax.lax.stop_gradient(p), kappa, eta) * p)
+
+
 def collapse_penalty(z: jax.Array, kappa: float | jax.Array = 0.9,
                      eta: float | jax.Array = 0.05,
-                     center: bool = True) -> jax.Array:
+                     center: bool = True, axis_name: str | None = None) -> jax.Array:
   """Spectrum-adaptive soft tail energy ``R(z) = sum_i sg(w_i) p_i``.
 
   Minimising it moves energy out of the directions beyond the ``kappa`` energy
@@ -160,6 +187,8 @@ def collapse_penalty(z: jax.Array, kappa: float | jax.Array = 0.9,
     kappa: energy quantile in ``(0, 1)`` beyond which directions are the tail.
     eta: softness (temperature) of the tail boundary, ``> 0``.
     center: centre ``z`` over the batch first.
+    axis_name: inside ``shard_map``, the mesh axis the batch is split over:
+      the penalty of the global batch (see :func:`energy_spectrum`).
 
   Returns:
     A scalar in ``[0, 1]``.
@@ -169,13 +198,11 @@ def collapse_penalty(z: jax.Array, kappa: float | jax.Array = 0.9,
     >>> loss = lambda z: collapse_penalty(z, kappa=0.8, eta=0.05)
     >>> g = jax.grad(loss)(z)  # finite, pushes z towards low rank
   """
-  p = energy_shares(z, center)
-  w = tail_weights(jax.lax.stop_gradient(p), kappa, eta)
-  return jnp.sum(w * p)
+  return tail_energy(energy_shares(z, center, axis_name), kappa, eta)
 
 
 def collapsed_view(z: jax.Array, kappa: float | jax.Array = 0.9,
-                   center: bool = True) -> jax.Array:
+                   center: bool = True, axis_name: str | None = None) -> jax.Array:
   """Projection of ``z`` onto the top directions holding ``kappa`` of its energy.
 
   Keeps direction ``i`` while the energy before it, ``c_i``, is below
@@ -183,6 +210,7 @@ def collapsed_view(z: jax.Array, kappa: float | jax.Array = 0.9,
   (centred) rows onto them and adds the batch mean back. The projector is
   held constant in the gradient, so gradients flow to ``z`` linearly and never
   through eigenvectors. Used by the destructive intervention of ModalImmune.
+  With ``axis_name`` the directions and mean are the global batch's.
 
   Example:
     >>> z = jax.random.normal(jax.random.key(0), (32, 8))
@@ -191,11 +219,12 @@ def collapsed_view(z: jax.Array, kappa: float | jax.Array = 0.9,
     3
   """
   z = jnp.asarray(z)
-  if z.ndim != 2:
-    raise ValueError(f"expected embeddings of shape (B, k), got shape {z.shape}")
-  mean = jnp.mean(z, axis=0, keepdims=True) if center else jnp.zeros_like(z[:1])
-  zc = z - mean
-  gram = jax.lax.stop_gradient(zc.T @ zc)
+  zc = _prepare(z, center, axis_name)
+  mean = z - zc
+  gram = zc.T @ zc
+  if axis_name is not None:
+    gram = jax.lax.psum(gram, axis_name)
+  gram = jax.lax.stop_gradient(gram)
   lam, vecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
   lam, vecs = jnp.maximum(lam[::-1], 0.0), vecs[:, ::-1]
   p = lam / jnp.maximum(jnp.sum(lam), _TINY)

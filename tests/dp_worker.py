@@ -30,15 +30,15 @@ def run_steps(config, num_devices=0, steps=STEPS):
 
   from modalimmune_jax import train
 
+  from modalimmune_jax.step import host_copy, shard_batch
   run = train.setup(config, optimizer=optax.sgd(0.05), num_devices=num_devices)
-  params, opt_state, step, batches, mesh = (run.params, run.opt_state, run.step_fn,
-                                            run.batches, run.mesh)
+  state, step, batches, mesh = run.state, run.step_fn, run.batches, run.mesh
   rng = jax.random.key(config.seed)
   for s in range(steps):
-    params, opt_state, metrics = step(params, opt_state, train.shard_batch(batches(s), mesh),
-                                      jax.random.fold_in(rng, s))
-  leaves = jax.tree.leaves(train._local(params))
-  return np.concatenate([np.ravel(x) for x in leaves]), mesh.devices.size
+    state, metrics = step(state, shard_batch(batches(s), mesh), jax.random.fold_in(rng, s))
+  state = host_copy(state)
+  leaves = jax.tree.leaves((state.params, state.method_state))
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves]), mesh.devices.size
 
 
 def worker_config():

@@ -21,13 +21,14 @@ def flat(tree):
   return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
 
 
-def restore_params(config, workdir):
-  """Params of the newest checkpoint in ``workdir`` (and its step)."""
+def restore_state(config, workdir):
+  """The train state of the newest checkpoint in ``workdir`` (and its step)."""
   from modalimmune_jax import train
+  from modalimmune_jax.checkpoint import Checkpointer
   run = train.setup(config, num_devices=1)
-  ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"), 2)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 2)
   try:
-    step, params, _, _, _ = ckpt.restore_latest(run.params, run.opt_state, jax.random.key(0))
+    step, state, _, _ = ckpt.restore_latest(run.state, jax.random.key(0))
   finally:
     ckpt.close()
-  return step, params
+  return step, state

@@ -10,7 +10,9 @@ import pytest
 
 from modalimmune_jax import train
 from modalimmune_jax.config import ConfigError, base_config, validate_config
-from tests.helpers import ROOT, flat, get_config, restore_params
+from modalimmune_jax.methods import Method, plain
+from modalimmune_jax.step import TrainState, make_train_step
+from tests.helpers import ROOT, flat, get_config, restore_state
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +68,16 @@ def test_corrupt_checkpoint_falls_back_to_older(uninterrupted, tmp_path):
 
 
 def _nan_method(prob):
-  def term(out, batch, rng):
-    return jnp.where(jax.random.uniform(rng) < prob, jnp.nan, 0.0), {}
-  return train.Method("nan-injector", loss_terms=(term,))
+  """Plain training with a NaN injected into the loss with probability ``prob``."""
+  def build(model):
+    base = plain.plain(model)
+
+    def loss(params, state, batch, rng, axis_name=None):
+      total, destructive, metrics = base.loss(params, state, batch, rng, axis_name)
+      nan = jnp.where(jax.random.uniform(jax.random.fold_in(rng, 7)) < prob, jnp.nan, 0.0)
+      return total + nan, destructive, metrics
+    return base._replace(name="nan-injector", loss=loss)
+  return build
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
@@ -91,15 +100,16 @@ def test_nonfinite_stop_names_the_step(tmp_path):
 def test_skipped_step_leaves_state_untouched():
   params = {"w": jnp.ones(3)}
   opt = optax.adam(0.1)
-  opt_state = opt.init(params)
-  loss_fn = lambda p, b, rng: (jnp.sum(p["w"]) * b, {"loss": jnp.sum(p["w"]) * b})
-  step = jax.jit(train.make_train_step(loss_fn, opt))
-  p1, s1, m1 = step(params, opt_state, jnp.nan, jax.random.key(0))
-  assert float(m1["nonfinite"]) == 1.0
-  np.testing.assert_array_equal(p1["w"], params["w"])
-  assert int(s1[0].count) == 0
-  p2, s2, m2 = step(params, opt_state, 1.0, jax.random.key(0))
-  assert float(m2["nonfinite"]) == 0.0 and not np.array_equal(p2["w"], params["w"])
+  loss = lambda p, state, b, rng, axis_name=None: (jnp.sum(p["w"]) * b, 0.0, {})
+  method = Method("scaled-sum", init=lambda p: (), loss=loss)
+  step = jax.jit(make_train_step(method, opt))
+  state = TrainState(jnp.zeros([], jnp.int32), params, opt.init(params), ())
+  s1, m1 = step(state, jnp.nan, jax.random.key(0))
+  assert float(m1["nonfinite"]) == 1.0 and int(s1.step) == 1
+  np.testing.assert_array_equal(s1.params["w"], params["w"])
+  assert int(s1.opt_state[0].count) == 0
+  s2, m2 = step(state, 1.0, jax.random.key(0))
+  assert float(m2["nonfinite"]) == 0.0 and not np.array_equal(s2.params["w"], params["w"])
 
 
 def test_config_validation_names_the_key():
@@ -172,9 +182,9 @@ def test_killed_run_resumes_to_the_same_parameters(uninterrupted, tmp_path):
   assert killed_at < config.train.steps, "the run finished before it was killed"
   done = _main(*args, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
-  step, params = restore_params(config, workdir)
+  step, state = restore_state(config, workdir)
   assert step == config.train.steps
-  np.testing.assert_array_equal(flat(params), flat(full["final_params"]))
+  np.testing.assert_array_equal(flat(state.params), flat(full["final_params"]))
 
 
 @pytest.mark.parametrize("name,filename,layout", [
@@ -211,7 +221,8 @@ def test_curvature_mask_in_the_loop_survives_resume(uninterrupted, tmp_path):
   """A method's optax transformation gets obj_fn in the real step, and its state
   (which holds a typed PRNG key) is checkpointed and restored exactly."""
   from modalimmune_jax.curvature import curvature_mask
-  method = train.Method("masked", transforms=(curvature_mask("hard", refresh_every=2),))
+  method = lambda model: plain.plain(model)._replace(
+      name="masked", transforms=(curvature_mask("hard", refresh_every=2),))
   config = get_config()
   config.eval.removals = "none"
   full = train.train_and_evaluate(config, str(tmp_path / "full"), method=method)

@@ -1,0 +1,346 @@
+"""Methods x seeds under one protocol, in one command.
+
+    python -m modalimmune_jax.compare --config=experiments/configs/mfeat.py \\
+        --methods=plain,dropout,modalimmune --seeds=0,1,2 --workdir=runs/cmp
+
+For each method the same tuning budget is spent first: every trial of the
+method's search space (:data:`SEARCH`, the same number of trials for each
+method) is trained with the first seed and scored on the **valid** split by the
+selection score (the headline metric averaged over the ``full`` condition and
+every missing-modality condition); the best trial's settings then train every
+seed, evaluated on ``config.eval.split`` (test). The test split never enters a
+choice. Every run lives in its own work directory (``tune/<method>/<trial>``,
+``<method>/seed<k>``) and resumes or is skipped when already done, so an
+interrupted comparison is rerun with the same command.
+
+Writes ``comparison.md`` (tables: mean and standard deviation over seeds),
+``comparison.json`` (every number, the chosen settings, the validation scores
+of every trial, the provenance of every run) and ``comparison.png``; a linear
+reference (:mod:`modalimmune_jax.reference`) on the same protocol is printed
+beside the table. ``--ablation`` compares ModalImmune with each part switched
+off in turn (:data:`ABLATIONS`) instead of methods.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for every run and the comparison.")
+flags.DEFINE_list("methods", ["plain", "dropout", "modalimmune"], "Methods to compare.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each trains and evaluates once).")
+flags.DEFINE_bool("tune", True, "Spend the tuning budget (SEARCH) on the valid split first.")
+flags.DEFINE_bool("ablation", False, "Compare ModalImmune ablations (ABLATIONS) instead.")
+flags.DEFINE_bool("reference", True, "Fit and print the linear reference.")
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:variant]).",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+log = logging.getLogger("modalimmune_jax.compare")
+
+# The tuning budget: the same number of trials for every method, each a set of
+# config overrides. plain: regularisation (fusion/encoder dropout, weight
+# decay); dropout: its rate; modalimmune: the intervention probability (its
+# loss weights are tuned by BHGD during training).
+SEARCH: dict[str, list[dict[str, Any]]] = {
+    "plain": [{"model.dropout": 0.0, "optim.weight_decay": 1e-4},
+              {"model.dropout": 0.1, "optim.weight_decay": 1e-3},
+              {"model.dropout": 0.3, "optim.weight_decay": 1e-2}],
+    "dropout": [{"method.dropout.rate": 0.15}, {"method.dropout.rate": 0.3},
+                {"method.dropout.rate": 0.5}],
+    "modalimmune": [{"method.modalimmune.p_destroy": 0.15},
+                    {"method.modalimmune.p_destroy": 0.3},
+                    {"method.modalimmune.p_destroy": 0.5}],
+}
+
+# Each row switches one part of ModalImmune off (a row is one config).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "modalimmune": {},
+    "no controller (uniform alpha)": {"method.modalimmune.controller": False},
+    "no collapse regulariser": {"method.modalimmune.collapse": False},
+    "no interventions": {"method.modalimmune.interventions": False},
+    "no curvature mask": {"method.modalimmune.curvature_mask": False},
+    "no BHGD (fixed meta-parameters)": {"method.modalimmune.bhgd": False},
+    "no reconstruction generator": {"model.reconstruction": False},
+    "no property vectors": {"model.property_vectors": False},
+}
+
+MISSING_KINDS = ("removal", "random_missing", "frame_missing")
+
+
+def with_overrides(config, overrides: dict[str, Any]):
+  """A copy of ``config`` with dotted-key overrides applied."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+def selection_score(protocol_dict: dict, metric: str) -> float:
+  """Mean ``metric`` over ``full`` and the missing-modality conditions."""
+  kinds = {c["name"]: c["kind"] for c in protocol_dict["meta"]["conditions"]}
+  values = [r[metric] for r in protocol_dict["rows"]
+            if kinds[r["condition"]] in ("full",) + MISSING_KINDS and r[metric] is not None]
+  return float(sum(values) / len(values))
+
+
+def run_once(config, workdir: str) -> dict:
+  """``results.json`` of a run, training it (or finishing it) if needed."""
+  path = os.path.join(workdir, "results.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      record = json.load(f)
+    if record.get("config") == json.loads(config.to_json_best_effort()):
+      log.info("done already: %s", workdir)
+      return record
+    raise SystemExit(f"error: {workdir} holds a run of another config; move it away or "
+                     "choose another --workdir")
+  from modalimmune_jax import train
+  train.train_and_evaluate(config, workdir)
+  with open(path) as f:
+    return json.load(f)
+
+
+def removal_name(kept) -> str:
+  """The protocol's name of the condition that keeps ``kept``."""
+  kept = list(kept)
+  return kept[0] + " only" if len(kept) == 1 else "+".join(kept)
+
+
+def dominant_modality(dataset, agg: dict, lower_is_better: bool) -> tuple[str | None, str]:
+  """The dominant modality and how it was found: the data set's own (the
+  synthetic benchmark's), else the one whose removal alone costs the first
+  row's model most (measured, on the evaluated split)."""
+  names = list(dataset.modality_names)
+  if dataset.meta.get("dominant"):
+    return dataset.meta["dominant"], "by construction"
+  first = agg[next(iter(agg))]
+  drops = {m: first[removal_name([n for n in names if n != m])]["mean"] for m in names
+           if removal_name([n for n in names if n != m]) in first}
+  if not drops:
+    return None, ""
+  pick = (max if lower_is_better else min)(drops, key=drops.get)
+  return pick, f"the removal that costs '{next(iter(agg))}' most"
+
+
+def aggregate(records: dict[str, list[dict]], metric: str) -> dict:
+  """Per label and condition: mean, std, values over seeds; plus the missing mean."""
+  import numpy as np
+  out = {}
+  for label, runs in records.items():
+    conds = [r["condition"] for r in runs[0]["protocol"]["rows"]]
+    kinds = {c["name"]: c["kind"] for c in runs[0]["protocol"]["meta"]["conditions"]}
+    table = {}
+    for c in conds:
+      vals = [next(r for r in run["protocol"]["rows"] if r["condition"] == c)[metric]
+              for run in runs]
+      vals = [np.nan if v is None else v for v in vals]
+      table[c] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1))
+                  if len(vals) > 1 else 0.0, "values": vals, "kind": kinds[c]}
+    missing = [c for c in conds if kinds[c] in MISSING_KINDS]
+    per_seed = [float(np.mean([table[c]["values"][i] for c in missing]))
+                for i in range(len(runs))]
+    table["mean missing"] = {"mean": float(np.mean(per_seed)),
+                             "std": float(np.std(per_seed, ddof=1)) if len(runs) > 1 else 0.0,
+                             "values": per_seed, "kind": "summary"}
+    out[label] = table
+  return out
+
+
+def _cell(entry: dict, scale: float) -> str:
+  return f"{scale * entry['mean']:.2f} ± {scale * entry['std']:.2f}"
+
+
+def render(agg: dict, metric: str, *, title: str, dominant: str | None,
+           reference: dict | None, runs_info: dict, chosen: dict) -> str:
+  labels = list(agg)
+  first = agg[labels[0]]
+  conds = [c for c in first if c != "mean missing"]
+  scale = 1.0 if metric == "MAE" else 100.0
+  unit = "" if metric == "MAE" else " (%)"
+  drop_dom = None
+  if dominant is not None:
+    name = removal_name([m for m in runs_info["modalities"] if m != dominant])
+    drop_dom = name if name in first else None
+  head = ["full", "mean missing"] + ([drop_dom] if drop_dom else [])
+  lines = [f"# {title}", "", f"{metric}{unit}, mean ± standard deviation over seeds "
+           f"{runs_info['seeds']}, {runs_info['split']} split. 'mean missing': the mean over "
+           "every missing-modality condition (removals, random missing rates, frame rates; "
+           "not noise)." + (f" Dominant modality: {dominant}, {runs_info['dominant_how']} "
+                            f"(removed in '{drop_dom}')." if drop_dom else ""), "",
+           "| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+  for label in labels:
+    lines.append(f"| {label} | " + " | ".join(_cell(agg[label][c], scale) for c in head) + " |")
+  if reference is not None:
+    ref = reference["rows"]
+    ref_missing = reference["mean_missing"]
+    cells = [f"{scale * ref['full']:.2f}", f"{scale * ref_missing:.2f}"]
+    if drop_dom:
+      cells.append(f"{scale * ref[drop_dom]:.2f}")
+    lines.append(f"| linear reference (C={reference['C']:g}) | " + " | ".join(cells) + " |")
+  lines += ["", "Every condition:", "", "| condition | " + " | ".join(labels) + " |",
+            "|---|" + "---:|" * len(labels)]
+  for c in conds + ["mean missing"]:
+    lines.append(f"| {c} | " + " | ".join(_cell(agg[lab][c], scale) for lab in labels) + " |")
+  if chosen:
+    lines += ["", "Tuning (same budget per method, first seed, valid split, selection score ="
+              " mean headline metric over full + missing conditions):", ""]
+    for label, info in chosen.items():
+      trials = "; ".join(f"{json.dumps(t['overrides'])} -> {scale * t['score']:.2f}"
+                         for t in info["trials"])
+      lines.append(f"- {label}: chose {json.dumps(info['overrides'])} ({trials})")
+  lines += ["", f"- command: `{runs_info['command']}`",
+            f"- commit: {runs_info['commit']}{' (dirty)' if runs_info['dirty'] else ''}",
+            f"- machine: {runs_info['machine']}", ""]
+  return "\n".join(lines)
+
+
+def plot(agg: dict, metric: str, path: str, title: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  labels = list(agg)
+  conds = list(agg[labels[0]])
+  scale = 1.0 if metric == "MAE" else 100.0
+  width = 0.8 / len(labels)
+  fig, ax = plt.subplots(figsize=(8, 0.9 + 0.3 * len(conds) * max(1, 0.6 * len(labels))))
+  y = np.arange(len(conds))
+  for i, label in enumerate(labels):
+    means = [scale * agg[label][c]["mean"] for c in conds]
+    stds = [scale * agg[label][c]["std"] for c in conds]
+    ax.barh(y + (i - (len(labels) - 1) / 2) * width, means, height=width, xerr=stds,
+            label=label, capsize=2)
+  ax.set_yticks(y, conds, fontsize=8)
+  ax.set_ylim(len(conds) - 0.5, -0.5)
+  ax.set_xlabel(f"{metric} (mean ± std over seeds)")
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def main(argv) -> int:
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  from modalimmune_jax.config import ConfigError, validate_config
+  base = FLAGS.config
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    print(f"error: --seeds must be integers, got {FLAGS.seeds}", file=sys.stderr)
+    return 2
+  if FLAGS.ablation:
+    rows = {label: with_overrides(base, dict(o, **{"method.name": "modalimmune"}))
+            for label, o in ABLATIONS.items()}
+  else:
+    unknown = [m for m in FLAGS.methods if m not in SEARCH]
+    if unknown:
+      print(f"error: --methods: unknown {unknown}; known {sorted(SEARCH)}", file=sys.stderr)
+      return 2
+    rows = {m: with_overrides(base, {"method.name": m}) for m in FLAGS.methods}
+  try:
+    for label, cfg in rows.items():
+      validate_config(cfg)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  import jax
+  from modalimmune_jax import train
+  from modalimmune_jax.metrics import HEADLINE
+  from modalimmune_jax.provenance import provenance
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, ".xla_cache"))
+  dataset = train.load_data(base)
+  metric = HEADLINE[dataset.task]
+
+  chosen: dict[str, dict] = {}
+  if FLAGS.tune and not FLAGS.ablation:
+    for label, cfg in rows.items():
+      trials = []
+      for i, overrides in enumerate(SEARCH[label]):
+        trial_cfg = with_overrides(cfg, dict(overrides, **{"seed": seeds[0],
+                                                           "eval.split": "valid"}))
+        rec = run_once(trial_cfg, os.path.join(FLAGS.workdir, "tune", label, str(i)))
+        trials.append({"overrides": overrides, "score": selection_score(rec["protocol"],
+                                                                        metric)})
+      lower = metric == "MAE"
+      best = (min if lower else max)(trials, key=lambda t: t["score"])
+      chosen[label] = {"overrides": best["overrides"], "trials": trials}
+      rows[label] = with_overrides(cfg, best["overrides"])
+
+  records: dict[str, list[dict]] = {}
+  for label, cfg in rows.items():
+    slug = label.split(" (")[0].replace(" ", "_")
+    records[label] = [run_once(with_overrides(cfg, {"seed": s}),
+                               os.path.join(FLAGS.workdir, slug, f"seed{s}")) for s in seeds]
+
+  agg = aggregate(records, metric)
+  reference = None
+  if FLAGS.reference:
+    from modalimmune_jax import protocol
+    from modalimmune_jax.reference import fit_linear_reference
+    ref = fit_linear_reference(dataset)
+    split = dataset.splits[base.eval.split]
+    conds = [protocol.full()] + protocol.REMOVALS[base.eval.removals](dataset.modality_names)
+    conds += [protocol.random_missing(r) for r in base.eval.missing_rates]
+    conds += [protocol.frame_missing(r) for r in base.eval.frame_rates]
+    result = ref.evaluate(split, conds, seed=base.eval.seed)
+    rows_ref = {n: v[metric] for n, v in result.rows}
+    kinds = {c.name: c.kind for c in conds}
+    missing = [rows_ref[n] for n in rows_ref if kinds[n] in MISSING_KINDS]
+    reference = {"C": ref.C, "valid_score": ref.valid_score, "rows": rows_ref,
+                 "mean_missing": float(sum(missing) / max(len(missing), 1))}
+  prov = provenance(seeds=seeds)
+  info = {"seeds": seeds, "split": base.eval.split, "command": prov["command"],
+          "commit": prov["commit"], "dirty": prov["dirty"],
+          "machine": f"{prov['machine']['processor']}, {prov['machine']['cpu_count']} cores, "
+                     f"{prov['machine']['jax_backend']}",
+          "modalities": list(dataset.modality_names)}
+  title = (f"{'ModalImmune ablation' if FLAGS.ablation else 'Comparison'} on {dataset.name}")
+  dominant, info["dominant_how"] = dominant_modality(dataset, agg, metric == "MAE")
+  md = render(agg, metric, title=title, dominant=dominant, reference=reference,
+              runs_info=info, chosen=chosen)
+  out = {"metric": metric, "title": title, "aggregate": agg, "chosen": chosen,
+         "dominant": dominant, "dominant_how": info["dominant_how"],
+         "reference": reference, "provenance": prov,
+         "runs": {label: [{"workdir": os.path.join(FLAGS.workdir,
+                                                    label.split(" (")[0].replace(" ", "_"),
+                                                    f"seed{s}"),
+                           "seed": s, "provenance": r["provenance"], "config": r["config"],
+                           "train_seconds": r["train_seconds"]}
+                          for s, r in zip(seeds, recs)] for label, recs in records.items()}}
+  with open(os.path.join(FLAGS.workdir, "comparison.md"), "w") as f:
+    f.write(md)
+  with open(os.path.join(FLAGS.workdir, "comparison.json"), "w") as f:
+    json.dump(out, f, indent=2, default=float)
+  plot(agg, metric, os.path.join(FLAGS.workdir, "comparison.png"), title)
+  print(md)
+  return 0
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

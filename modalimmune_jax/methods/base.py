@@ -1,0 +1,143 @@
+"""The method plug-in: what a training method is, and the model it trains.
+
+A :class:`Method` is a small NamedTuple of pure functions, in the style of an
+``optax.GradientTransformation``:
+
+* ``init(params) -> method_state``: any pytree (controller statistics,
+  meta-parameters and their optimiser state, fixed batches, ...);
+* ``loss(params, method_state, batch, rng, axis_name) -> (loss, destructive,
+  metrics)``: the training objective of one (local) batch. ``destructive`` is
+  the part of ``loss`` whose gradient a curvature mask may damp (0 for
+  methods without one); the loss may run any number of forward passes;
+* ``update(method_state, params, batch, rng, step, axis_name) ->
+  (method_state, metrics)``: runs inside the jitted step after the parameter
+  update (periodic work is gated with ``lax.cond`` on ``step``);
+* ``transforms``: optax transformations put in front of the optimiser;
+* ``split_destructive``: the step passes the gradient of ``destructive`` to
+  the optimiser as the extra argument ``destructive``;
+* ``events(step, get_metrics) -> list[dict]``: host side, records for
+  ``metrics.jsonl`` (``get_metrics()`` fetches the step's metrics);
+* ``objective(params, method_state, batch, rng, axis_name) -> scalar``: the
+  objective whose curvature the optimiser's curvature transforms measure
+  (``obj_fn``); default ``loss - destructive``.
+
+The train step (:mod:`modalimmune_jax.step`) carries one
+:class:`~modalimmune_jax.step.TrainState` (step, params, optimiser state,
+method state) and never looks at a method's name. Inside ``shard_map`` the
+loss sees the local rows of the global batch; ``axis_name`` is the mesh axis,
+and ``rng`` is the same on every device (use :func:`local_rows` for
+per-sample draws, so that N devices draw exactly what 1 device draws).
+
+Example (a method that adds an L2 penalty on the fused representation):
+
+  >>> def l2_fused(model, weight):
+  ...   def loss(params, state, batch, rng, axis_name=None):
+  ...     out = model.apply(params, batch, rng, axis_name=axis_name)
+  ...     task = model.task_loss(out["outputs"], batch["labels"])
+  ...     extra = weight * jnp.mean(out["fused"] ** 2)
+  ...     return task + extra, 0.0, {"task_loss": task}
+  ...   return Method("l2_fused", init=lambda params: (), loss=loss)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+__all__ = ["Method", "ModelFns", "task_loss", "reconstruction_loss", "local_rows",
+           "no_update"]
+
+
+def no_update(state, params, batch, rng, step, axis_name=None):
+  """The ``update`` of a method whose state never changes."""
+  return state, {}
+
+
+class Method(NamedTuple):
+  """A training method (see the module docstring for each field's contract)."""
+  name: str
+  init: Callable[[Any], Any]
+  loss: Callable[..., tuple[jax.Array, jax.Array, dict]]
+  update: Callable[..., tuple[Any, dict]] = no_update
+  transforms: tuple = ()
+  split_destructive: bool = False
+  events: Callable[[int, Callable[[], dict]], list] | None = None
+  objective: Callable[..., jax.Array] | None = None
+
+
+def task_loss(task: str, outputs: jax.Array, labels: jax.Array,
+              regression_loss: str = "l1") -> jax.Array:
+  """Mean task loss: L1 / MSE, softmax cross-entropy, or per-label 2-way CE."""
+  if task == "regression":
+    err = outputs - labels
+    return jnp.mean(jnp.abs(err)) if regression_loss == "l1" else jnp.mean(err ** 2)
+  # classification (B, C) vs (B,), or multi-label (B, C, 2) vs (B, C)
+  return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
+
+
+def reconstruction_loss(out: dict, present: jax.Array) -> jax.Array:
+  """Mean over present (sample, modality) cells of ``||r_m - sg(z_m)||^2 / k``.
+
+  ``out`` is the model's output (``reconstructions``, ``embeddings``); 0 when
+  the model has no reconstruction generator.
+  """
+  if "reconstructions" not in out:
+    return jnp.zeros([], out["outputs"].dtype)
+  present = present.astype(out["embeddings"].dtype)
+  err = jnp.mean((out["reconstructions"] - jax.lax.stop_gradient(out["embeddings"])) ** 2, -1)
+  return jnp.sum(err * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
+def local_rows(x: jax.Array, axis_name: str | None) -> jax.Array:
+  """This device's rows of an array drawn for the *global* batch.
+
+  Outside ``shard_map`` (``axis_name=None``) ``x`` itself. Inside, the global
+  batch is split in equal contiguous shards along the mesh axis, so device
+  ``i`` of ``n`` takes rows ``[i * B / n, (i + 1) * B / n)``.
+  """
+  if axis_name is None:
+    return x
+  n = jax.lax.axis_size(axis_name)
+  rows = x.shape[0] // n
+  return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis_name) * rows, rows)
+
+
+class ModelFns(NamedTuple):
+  """The NNX model as pure functions of its parameters (``nnx.State``).
+
+  Attributes:
+    graphdef: from ``nnx.split(model)``.
+    names: modality order (the columns of ``presence``).
+    task: ``"regression"``, ``"classification"`` or ``"multilabel"``.
+    regression_loss: ``"l1"`` or ``"mse"``.
+  """
+  graphdef: nnx.GraphDef
+  names: tuple[str, ...]
+  task: str
+  regression_loss: str = "l1"
+
+  def apply(self, params, batch: dict, rng: jax.Array | None = None, *, train: bool = True,
+            hook: Callable | None = None, axis_name: str | None = None) -> dict:
+    """The model's output dict (see ``MultimodalModel.__call__``).
+
+    ``rng`` drives the model's dropout; inside ``shard_map`` it is folded with
+    the device index so devices draw different dropout masks.
+    """
+    model = nnx.merge(self.graphdef, params)
+    rngs = None
+    if rng is not None:
+      if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+      rngs = nnx.Rngs(dropout=rng)
+    return model(batch["inputs"], batch["masks"], batch["presence"], train=train,
+                 rngs=rngs, embedding_hook=hook)
+
+  def task_loss(self, outputs: jax.Array, labels: jax.Array) -> jax.Array:
+    return task_loss(self.task, outputs, labels, self.regression_loss)
+
+  def batch_size(self, batch: dict) -> int:
+    return batch["presence"].shape[0]

@@ -1,0 +1,350 @@
+"""ModalImmune (arXiv 2602.16197) as a training method; ``docs/method.md`` has the equations.
+
+The objective of a batch, with meta-parameters ``phi = (lambda, kappa, eta, mu)``
+and controller intensities ``alpha`` (:mod:`modalimmune_jax.controller`):
+
+    L = task(x') + mu * recon + lambda * sum_m alpha_m * R(z_m; kappa, eta)
+
+* ``R`` is the spectrum-adaptive collapse penalty
+  (:func:`modalimmune_jax.spectral.collapse_penalty`) of each modality's
+  encoder output over the (global) batch; the ``lambda`` term is the
+  *destructive* part whose gradient the curvature mask damps;
+* ``x'``: with probability ``p_destroy`` the batch goes through a destructive
+  intervention on one modality drawn from ``alpha``: its embedding replaced by
+  the collapsed view at ``kappa`` (``intervention="collapse"``), or the
+  modality dropped (``"drop"``);
+* every ``ctrl_every`` steps the controller re-measures the information gains;
+* every ``hyper_every`` steps BHGD takes one optax step on the unconstrained
+  meta-parameters (``log lambda``, ``logit kappa``, ``log eta``, ``log mu``)
+  along the certified implicit hyper-gradient
+  (:func:`modalimmune_jax.hypergrad.neumann_hypergrad`, damped Gauss-Newton):
+  inner objective = ``L`` without intervention on a fixed training batch, outer
+  = the task loss averaged over fixed missing-modality patterns of a fixed
+  validation batch. A step whose hyper-gradient is not certified, diverges, is
+  non-finite or whose error bound exceeds ``hyper_rel_tol * ||g||`` is not
+  applied and is counted.
+
+Every part has a switch (:class:`Settings`), so each ablation row is one config.
+
+Example:
+  >>> settings = Settings(hyper_every=50, p_destroy=0.3)
+  >>> method = modalimmune(model_fns, settings, hyper_data=hyper_batches(dataset, 64, ...))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.tree_utils as otu
+
+from modalimmune_jax import controller as ctrl
+from modalimmune_jax import protocol, spectral
+from modalimmune_jax.curvature import curvature_mask
+from modalimmune_jax.hypergrad import GaussNewton, neumann_hypergrad
+from modalimmune_jax.masking import remove_modalities
+from modalimmune_jax.methods.base import Method, ModelFns, reconstruction_loss
+from modalimmune_jax.methods.plain import supervised_loss
+
+__all__ = ["Settings", "ModalImmuneState", "HyperStats", "constrain", "unconstrain",
+           "hyper_batches", "modalimmune", "from_config"]
+
+
+class Settings(NamedTuple):
+  """Every switch and setting of the method (``config.method.modalimmune``)."""
+  # collapse regulariser and its initial meta-parameters
+  collapse: bool = True
+  collapse_weight: float = 0.1   # lambda
+  kappa: float = 0.9
+  eta: float = 0.05
+  reconstruction_weight: float = 1.0  # mu (used when the model has the generator)
+  # destructive interventions
+  interventions: bool = True
+  p_destroy: float = 0.3
+  intervention: str = "collapse"  # collapse | drop
+  # information-gain controller (off: uniform intensities)
+  controller: bool = True
+  ctrl_every: int = 10
+  ctrl_decay: float = 0.9
+  ctrl_tau: float = 0.1
+  ctrl_explore: float = 0.1
+  # curvature-aware masking of the destructive gradient
+  curvature_mask: bool = True
+  mask_mode: str = "hard"
+  mask_quantile: float = 0.9
+  mask_beta: float = 1.0
+  mask_every: int = 10
+  mask_samples: int = 1
+  # BHGD
+  bhgd: bool = True
+  hyper_every: int = 50
+  hyper_lr: float = 0.05
+  hyper_solver: str = "cg"
+  hyper_terms: int = 20
+  hyper_damping: float = 0.1
+  hyper_rel_tol: float = 0.5
+  seed: int = 0
+
+
+class HyperStats(NamedTuple):
+  """BHGD bookkeeping (all scalars): counts and the last certificate."""
+  applied: jax.Array
+  rejected: jax.Array
+  num_terms: jax.Array
+  error_bound: jax.Array
+  grad_norm: jax.Array
+  certified: jax.Array
+  diverging: jax.Array
+  accepted: jax.Array
+  before: dict
+  after: dict
+
+
+class ModalImmuneState(NamedTuple):
+  """Method state: controller, meta-parameters, their optimiser, BHGD statistics,
+  and the fixed hyper-gradient batches (constant; kept so a step is a pure
+  function of the state)."""
+  controller: ctrl.ControllerState
+  phi: dict
+  hyper_opt_state: Any
+  hyper: HyperStats
+  hyper_data: Any
+
+
+META = ("lambda", "kappa", "eta", "mu")
+
+
+def constrain(phi: dict) -> dict:
+  """Unconstrained ``phi`` -> ``lambda, eta, mu > 0`` (exp), ``kappa`` in (0, 1)."""
+  return {"lambda": jnp.exp(phi["log_lambda"]), "kappa": jax.nn.sigmoid(phi["logit_kappa"]),
+          "eta": jnp.exp(phi["log_eta"]), "mu": jnp.exp(phi["log_mu"])}
+
+
+def unconstrain(lam: float, kappa: float, eta: float, mu: float) -> dict:
+  f = lambda v: jnp.asarray(v, jnp.float32)
+  return {"log_lambda": f(math.log(lam)), "logit_kappa": f(math.log(kappa / (1 - kappa))),
+          "log_eta": f(math.log(eta)), "log_mu": f(math.log(mu))}
+
+
+def hyper_batches(dataset, size: int, seed: int, removals: str = "drop_one",
+                  missing_rates=(0.5,)) -> tuple[dict, dict]:
+  """The fixed BHGD batches: ``size`` training samples, and ``size`` validation
+  samples under each missing-modality pattern (``full``, the ``removals`` of
+  :data:`modalimmune_jax.protocol.REMOVALS`, random missing at each rate),
+  stacked along a leading pattern axis. Drawn once from ``seed``; the
+  patterns are the protocol's own conditions, applied with its seeds.
+  """
+  rng = np.random.default_rng([seed, 7])
+  train, valid = dataset.splits["train"], dataset.splits["valid"]
+  tr = train.batch(rng.choice(train.num_samples, min(size, train.num_samples), replace=False))
+  sub = valid.take(rng.choice(valid.num_samples, min(size, valid.num_samples), replace=False))
+  conditions = ([protocol.full()] + protocol.REMOVALS[removals](dataset.modality_names)
+                + [protocol.random_missing(r) for r in missing_rates])
+  batches = []
+  for cond in conditions:
+    degraded, presence = cond.apply(sub, seed)
+    b = degraded.batch(np.arange(sub.num_samples))
+    b["presence"] = presence
+    batches.append(b)
+  val = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+  drop_index = lambda b: {k: v for k, v in b.items() if k != "index"}
+  return drop_index(tr), drop_index(val)
+
+
+def _intervention_hook(mode, destroy, target, kappa, axis_name):
+  """``(z, present) -> (z, present)`` applying the intervention when ``destroy``."""
+  def hook(z, present):
+    if mode == "collapse":
+      zj = jnp.take(z, target, axis=1)
+      view = spectral.collapsed_view(zj, jax.lax.stop_gradient(kappa), axis_name=axis_name)
+      return z.at[:, target].set(jnp.where(destroy, view, zj)), present
+    column = jnp.arange(z.shape[1]) == target
+    return z, present & ~(destroy & column)[None, :]
+  return hook
+
+
+def modalimmune(model: ModelFns, settings: Settings = Settings(),
+                hyper_data: tuple[dict, dict] | None = None) -> Method:
+  """The ModalImmune training method.
+
+  Args:
+    model: the model as pure functions.
+    settings: switches and settings (:class:`Settings`).
+    hyper_data: ``(train_batch, stacked_valid_batches)`` from
+      :func:`hyper_batches`; needed when ``settings.bhgd``.
+
+  Returns:
+    A :class:`~modalimmune_jax.methods.base.Method`.
+  """
+  s = settings
+  if s.intervention not in ("collapse", "drop"):
+    raise ValueError(f"intervention must be 'collapse' or 'drop', got {s.intervention!r}")
+  if s.bhgd and hyper_data is None:
+    raise ValueError("bhgd needs hyper_data (see hyper_batches)")
+  names, m = model.names, len(model.names)
+  hyper_opt = optax.adam(s.hyper_lr)
+  phi0 = unconstrain(s.collapse_weight, s.kappa, s.eta, s.reconstruction_weight)
+
+  def alpha_of(state):
+    return (state.controller.alpha if s.controller
+            else jnp.full((m,), 1.0 / m, jnp.float32))
+
+  def penalties(z, kappa, eta, axis_name=None):
+    return jnp.stack([spectral.collapse_penalty(z[:, j], kappa, eta, axis_name=axis_name)
+                      for j in range(m)])
+
+  def init(params):
+    zero = jnp.zeros([], jnp.float32)
+    meta = {k: zero for k in META}
+    stats = HyperStats(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32),
+                       jnp.zeros([], jnp.int32), zero, zero, jnp.zeros([], bool),
+                       jnp.zeros([], bool), jnp.zeros([], bool), meta, meta)
+    data = jax.tree.map(jnp.asarray, hyper_data) if s.bhgd else ()
+    return ModalImmuneState(ctrl.init(m), phi0, hyper_opt.init(phi0), stats, data)
+
+  def loss(params, state, batch, rng, axis_name=None):
+    meta = constrain(state.phi)
+    alpha = alpha_of(state)
+    k_do, k_pick, k_model = jax.random.split(rng, 3)
+    hook = None
+    destroy = jnp.zeros([], bool)
+    target = jnp.zeros([], jnp.int32)
+    if s.interventions:  # the same draw on every device: one decision per global batch
+      destroy = jax.random.uniform(k_do) < s.p_destroy
+      target = jax.random.categorical(k_pick, jnp.log(alpha))
+      hook = _intervention_hook(s.intervention, destroy, target, meta["kappa"], axis_name)
+    out = model.apply(params, batch, k_model, hook=hook, axis_name=axis_name)
+    task = model.task_loss(out["outputs"], batch["labels"])
+    recon = reconstruction_loss(out, batch["presence"])
+    metrics = {"task_loss": task, "recon_loss": recon,
+               "destroyed": destroy.astype(jnp.float32),
+               "target": jnp.where(destroy, target, -1).astype(jnp.float32)}
+    destructive = jnp.zeros([], task.dtype)
+    if s.collapse:
+      r = penalties(out["embeddings"], meta["kappa"], meta["eta"], axis_name)
+      destructive = meta["lambda"] * jnp.sum(alpha * r)
+      metrics.update({f"collapse/{n}": r[j] for j, n in enumerate(names)})
+    metrics["destructive"] = destructive
+    return task + meta["mu"] * recon + destructive, destructive, metrics
+
+  # ---- BHGD: the inner objective split for Gauss-Newton, and the outer loss ----
+
+  def model_fn(params, phi, batch, alpha):
+    out = model.apply(params, batch, None, train=False)
+    if "reconstructions" in out:
+      w = batch["presence"].astype(out["embeddings"].dtype)[..., None]
+      resid = (out["reconstructions"] - jax.lax.stop_gradient(out["embeddings"])) * w
+    else:
+      resid = jnp.zeros((1,), out["outputs"].dtype)
+    shares = jnp.stack([spectral.energy_shares(out["embeddings"][:, j]) for j in range(m)])
+    return out["outputs"], resid, shares
+
+  def output_loss(outputs, phi, batch, alpha):
+    logits, resid, shares = outputs
+    meta = constrain(phi)
+    k = resid.shape[-1]
+    count = jnp.maximum(jnp.sum(batch["presence"].astype(resid.dtype)), 1.0) * k
+    loss = model.task_loss(logits, batch["labels"]) + meta["mu"] * jnp.sum(resid ** 2) / count
+    if s.collapse:  # linear in the shares: a zero Gauss-Newton block
+      loss += meta["lambda"] * sum(alpha[j] * spectral.tail_energy(shares[j], meta["kappa"],
+                                                                   meta["eta"])
+                                   for j in range(m))
+    return loss
+
+  inner = GaussNewton(model_fn, output_loss)
+
+  def outer(params, phi, val):
+    per_pattern = jax.vmap(lambda b: model.task_loss(
+        model.apply(params, b, None, train=False)["outputs"], b["labels"]))(val)
+    return jnp.mean(per_pattern)
+
+  def hyper_step(state, params):
+    train_b, val = state.hyper_data
+    alpha = jax.lax.stop_gradient(alpha_of(state))
+    g, cert = neumann_hypergrad(inner, outer, params, state.phi,
+                                inner_args=(train_b, alpha), outer_args=(val,),
+                                solver=s.hyper_solver, damping=s.hyper_damping,
+                                num_terms=s.hyper_terms)
+    g_norm = otu.tree_norm(g)
+    accept = (cert.certified & ~cert.diverging & jnp.isfinite(g_norm)
+              & jnp.isfinite(cert.error_bound) & (cert.error_bound <= s.hyper_rel_tol * g_norm))
+    updates, opt_state = hyper_opt.update(g, state.hyper_opt_state, state.phi)
+    new_phi = optax.apply_updates(state.phi, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
+    phi = keep(new_phi, state.phi)
+    h = state.hyper
+    stats = HyperStats(h.applied + accept, h.rejected + (~accept), cert.num_terms,
+                       cert.error_bound, g_norm, cert.certified, cert.diverging, accept,
+                       constrain(state.phi), constrain(phi))
+    return state._replace(phi=phi, hyper_opt_state=keep(opt_state, state.hyper_opt_state),
+                          hyper=stats)
+
+  def update(state, params, batch, rng, step, axis_name=None):
+    if s.controller:
+      def measure(c):
+        def loss_of(keep):
+          b = remove_modalities(batch, keep, names)
+          return model.task_loss(model.apply(params, b, None, train=False)["outputs"],
+                                 b["labels"])
+        ig = ctrl.information_gain(loss_of, m)
+        return ctrl.update(c, ig, decay=s.ctrl_decay, tau=s.ctrl_tau, explore=s.ctrl_explore,
+                           axis_name=axis_name)
+      state = state._replace(controller=jax.lax.cond(step % s.ctrl_every == 0, measure,
+                                                     lambda c: c, state.controller))
+    if s.bhgd:
+      state = jax.lax.cond((step + 1) % s.hyper_every == 0,
+                           lambda st: hyper_step(st, params), lambda st: st, state)
+    meta = constrain(state.phi)
+    alpha = alpha_of(state)
+    metrics = {f"meta/{k}": v for k, v in meta.items()}
+    metrics.update({f"alpha/{n}": alpha[j] for j, n in enumerate(names)})
+    metrics.update({f"ig/{n}": state.controller.ig[j] for j, n in enumerate(names)})
+    h = state.hyper
+    metrics.update({"hyper/applied": h.applied, "hyper/rejected": h.rejected,
+                    "hyper/num_terms": h.num_terms, "hyper/error_bound": h.error_bound,
+                    "hyper/grad_norm": h.grad_norm, "hyper/certified": h.certified,
+                    "hyper/diverging": h.diverging, "hyper/accepted": h.accepted,
+                    **{f"hyper/before/{k}": v for k, v in h.before.items()},
+                    **{f"hyper/after/{k}": v for k, v in h.after.items()}})
+    return state, metrics
+
+  def events(step_done, get_metrics):
+    """A ``hypergrad`` record after each hyper-step (``step_done`` = steps taken)."""
+    if not s.bhgd or step_done % s.hyper_every:
+      return []
+    mt = get_metrics()
+    rec = {"event": "hypergrad", "step": step_done,
+           "before": {k: float(mt[f"hyper/before/{k}"]) for k in META},
+           "after": {k: float(mt[f"hyper/after/{k}"]) for k in META},
+           "num_terms": int(mt["hyper/num_terms"]), "error_bound": float(mt["hyper/error_bound"]),
+           "grad_norm": float(mt["hyper/grad_norm"]), "certified": bool(mt["hyper/certified"]),
+           "diverging": bool(mt["hyper/diverging"]), "applied": bool(mt["hyper/accepted"]),
+           "applied_total": int(mt["hyper/applied"]), "rejected_total": int(mt["hyper/rejected"])}
+    return [rec]
+
+  def clean_objective(params, state, batch, rng, axis_name=None):
+    """What the curvature mask protects: the supervised loss without intervention."""
+    return supervised_loss(model, params, batch, None, constrain(state.phi)["mu"],
+                           axis_name)[0]
+
+  transforms = ()
+  if s.curvature_mask:
+    transforms = (curvature_mask(s.mask_mode, s.mask_quantile, s.mask_beta, s.mask_every,
+                                 s.mask_samples, seed=s.seed),)
+  return Method("modalimmune", init=init, loss=loss, update=update, transforms=transforms,
+                split_destructive=s.curvature_mask and s.collapse, events=events,
+                objective=clean_objective)
+
+
+def from_config(config, model: ModelFns, dataset) -> Method:
+  c = config.method.modalimmune
+  fields = {k: c[k] for k in Settings._fields if k in c}
+  settings = Settings(**fields, reconstruction_weight=config.method.reconstruction_weight,
+                      seed=config.seed)
+  data = (hyper_batches(dataset, c.hyper_batch_size, config.seed, c.hyper_removals,
+                        tuple(c.hyper_missing_rates)) if settings.bhgd else None)
+  return modalimmune(model, settings, data)

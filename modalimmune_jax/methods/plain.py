@@ -1,0 +1,37 @@
+"""Plain training: the task loss (plus the reconstruction loss when the model
+has a generator). The trivial :class:`~modalimmune_jax.methods.base.Method`."""
+
+from __future__ import annotations
+
+from modalimmune_jax.methods.base import Method, ModelFns, reconstruction_loss
+
+__all__ = ["plain", "from_config"]
+
+
+def supervised_loss(model: ModelFns, params, batch, rng, reconstruction_weight,
+                    axis_name=None, hook=None):
+  """``(task + mu * reconstruction, metrics)`` of one forward pass."""
+  out = model.apply(params, batch, rng, hook=hook, axis_name=axis_name)
+  task = model.task_loss(out["outputs"], batch["labels"])
+  recon = reconstruction_loss(out, batch["presence"])
+  metrics = {"task_loss": task, "recon_loss": recon}
+  return task + reconstruction_weight * recon, metrics, out
+
+
+def plain(model: ModelFns, reconstruction_weight: float = 1.0) -> Method:
+  """Plain supervised training.
+
+  Example:
+    >>> method = plain(model_fns)
+    >>> loss, destructive, metrics = method.loss(params, method.init(params), batch, rng)
+  """
+  def loss(params, state, batch, rng, axis_name=None):
+    total, metrics, _ = supervised_loss(model, params, batch, rng, reconstruction_weight,
+                                        axis_name)
+    return total, 0.0, metrics
+
+  return Method("plain", init=lambda params: (), loss=loss)
+
+
+def from_config(config, model: ModelFns, dataset) -> Method:
+  return plain(model, config.method.reconstruction_weight)
