@@ -48,17 +48,20 @@ log = logging.getLogger("modalimmune_jax.compare")
 
 # The tuning budget: the same number of trials for every method, each a set of
 # config overrides. plain: regularisation (fusion/encoder dropout, weight
-# decay); dropout: its rate; modalimmune: the intervention probability (its
-# loss weights are tuned by BHGD during training).
+# decay); dropout: its rate; modalimmune: the intervention (kind and
+# probability; its loss weights are tuned by BHGD during training).
 SEARCH: dict[str, list[dict[str, Any]]] = {
     "plain": [{"model.dropout": 0.0, "optim.weight_decay": 1e-4},
               {"model.dropout": 0.1, "optim.weight_decay": 1e-3},
               {"model.dropout": 0.3, "optim.weight_decay": 1e-2}],
     "dropout": [{"method.dropout.rate": 0.15}, {"method.dropout.rate": 0.3},
                 {"method.dropout.rate": 0.5}],
-    "modalimmune": [{"method.modalimmune.p_destroy": 0.15},
-                    {"method.modalimmune.p_destroy": 0.3},
-                    {"method.modalimmune.p_destroy": 0.5}],
+    "modalimmune": [{"method.modalimmune.intervention": "collapse",
+                     "method.modalimmune.p_destroy": 0.3},
+                    {"method.modalimmune.intervention": "drop",
+                     "method.modalimmune.p_destroy": 0.3},
+                    {"method.modalimmune.intervention": "drop",
+                     "method.modalimmune.p_destroy": 0.6}],
 }
 
 # Each row switches one part of ModalImmune off (a row is one config).

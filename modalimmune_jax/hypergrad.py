@@ -385,9 +385,15 @@ class GaussNewton(NamedTuple):
   error, softmax cross-entropy, ...). Put regularisers in the outputs: e.g.
   ``model_fn = lambda w, h, x, y: (x @ w, w)`` and
   ``output_loss = lambda o, h, x, y: ce(o[0], y) + exp(h) / 2 * sum(o[1] ** 2)``.
+
+  With ``model_uses_hparams=False`` (a promise that ``model_fn`` ignores its
+  ``hparams``) the mixed term is ``J^T (d/dphi grad_out output_loss)``, computed
+  through the linearisation the Gauss-Newton products already use: no
+  second-order pass through the model (cheaper to run and to compile).
   """
   model_fn: Callable[..., PyTree]
   output_loss: Callable[..., jax.Array]
+  model_uses_hparams: bool = True
 
   def __call__(self, params, hparams, *args):
     return self.output_loss(self.model_fn(params, hparams, *args), hparams, *args)
@@ -443,6 +449,16 @@ def _mixed_columns(inner, params, hparams, inner_args):
   basis = jnp.eye(flat.size, dtype=flat.dtype)
   cols = jax.vmap(lambda e: jax.jvp(grad_theta, (flat,), (e,))[1])(basis)
   return cols, unravel
+
+
+def _mixed_columns_through_outputs(inner, outputs, vjp_fn, hparams, inner_args):
+  """The same columns when only ``output_loss`` depends on ``hparams``:
+  ``J^T d/dphi_i grad_out output_loss`` (``vjp_fn`` is ``J^T``)."""
+  flat, unravel = ravel_pytree(hparams)
+  grad_out = lambda f: jax.grad(inner.output_loss)(outputs, unravel(f), *inner_args)
+  basis = jnp.eye(flat.size, dtype=flat.dtype)
+  out_cols = jax.vmap(lambda e: jax.jvp(grad_out, (flat,), (e,))[1])(basis)
+  return jax.vmap(lambda c: vjp_fn(c)[0])(out_cols), unravel
 
 
 def neumann_hypergrad(inner_loss: Callable[..., jax.Array] | GaussNewton,
@@ -526,10 +542,13 @@ def neumann_hypergrad(inner_loss: Callable[..., jax.Array] | GaussNewton,
 
   g_theta, g_phi = jax.grad(outer_loss, argnums=(0, 1))(params, hparams, *outer_args)
 
-  if curvature == "gauss_newton":
+  through_outputs = (isinstance(inner_loss, GaussNewton)
+                     and not inner_loss.model_uses_hparams)
+  if curvature == "gauss_newton" or through_outputs:
     model = lambda p: inner_loss.model_fn(p, hparams, *inner_args)
     outputs, jvp_fn = jax.linearize(model, params)
     vjp_fn = jax.linear_transpose(jvp_fn, params)
+  if curvature == "gauss_newton":
     out_hvp = hvp_operator(lambda o: inner_loss.output_loss(o, hparams, *inner_args),
                            outputs)
     curv = lambda v: vjp_fn(out_hvp(jvp_fn(v)))[0]
@@ -541,7 +560,11 @@ def neumann_hypergrad(inner_loss: Callable[..., jax.Array] | GaussNewton,
   has_mu = curvature == "gauss_newton" or strong_convexity is not None
   known_mu = damping + (0.0 if strong_convexity is None else strong_convexity)
 
-  cols, unravel = _mixed_columns(inner_loss, params, hparams, inner_args)
+  if through_outputs:
+    cols, unravel = _mixed_columns_through_outputs(inner_loss, outputs, vjp_fn, hparams,
+                                                   inner_args)
+  else:
+    cols, unravel = _mixed_columns(inner_loss, params, hparams, inner_args)
   gram = sum(jnp.tensordot(c, c, axes=(tuple(range(1, c.ndim)),) * 2)
              for c in jax.tree.leaves(cols))
   mixed_norm = jnp.sqrt(jnp.maximum(jnp.max(jnp.linalg.eigvalsh(gram)), 0.0))

@@ -497,3 +497,26 @@ def test_argument_validation():
   with pytest.raises(ValueError, match="alpha must be > 0"):
     hg.neumann_solve(lambda v: v, jnp.ones(2), alpha=0.0, num_terms=3)
   assert hg.implicit_hypergrad is hg.neumann_hypergrad
+
+
+def test_mixed_term_through_outputs_equals_the_general_one():
+  """GaussNewton(model_uses_hparams=False) takes the mixed term through the
+  outputs' linearisation; it must give the same hyper-gradient and norm."""
+  rng = np.random.default_rng(5)
+  x, y = jnp.asarray(rng.normal(size=(30, 4))), jnp.asarray(rng.normal(size=30))
+  xv, yv = jnp.asarray(rng.normal(size=(20, 4))), jnp.asarray(rng.normal(size=20))
+  model_fn = lambda w, h, x, y: (jnp.tanh(x @ w), w)
+  out_loss = lambda o, h, x, y: (jnp.mean((o[0] - y) ** 2) / 2
+                                 + jnp.exp(h["l2"]) / 2 * jnp.sum(o[1] ** 2)
+                                 + h["shift"] * jnp.mean(o[0]))
+  outer = lambda w, h, xv, yv: jnp.mean((jnp.tanh(xv @ w) - yv) ** 2)
+  w = jnp.asarray(rng.normal(size=4))
+  h = {"l2": jnp.asarray(-1.0), "shift": jnp.asarray(0.3)}
+  kw = dict(inner_args=(x, y), outer_args=(xv, yv), solver="cg", damping=1e-2, num_terms=10)
+  g1, c1 = hg.neumann_hypergrad(hg.GaussNewton(model_fn, out_loss), outer, w, h, **kw)
+  g2, c2 = hg.neumann_hypergrad(hg.GaussNewton(model_fn, out_loss, model_uses_hparams=False),
+                                outer, w, h, **kw)
+  for k in h:
+    np.testing.assert_allclose(g2[k], g1[k], rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(c2.mixed_norm, c1.mixed_norm, rtol=1e-10)
+  assert float(c1.mixed_norm) > 0

@@ -255,7 +255,7 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
                                    for j in range(m))
     return loss
 
-  inner = GaussNewton(model_fn, output_loss)
+  inner = GaussNewton(model_fn, output_loss, model_uses_hparams=False)
 
   def outer(params, phi, val):
     per_pattern = jax.vmap(lambda b: model.task_loss(
