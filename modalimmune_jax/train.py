@@ -151,8 +151,8 @@ def setup(config: ml_collections.ConfigDict,
 
   ``method`` defaults to the one ``config.method.name`` names; a callable
   ``model_fns -> Method`` builds a custom one. ``optimizer`` defaults to
-  :func:`make_optimizer` with the method's transforms; ``num_devices`` to
-  ``config.train.num_devices``.
+  :func:`make_optimizer`; the method's transforms are put in front of it
+  either way. ``num_devices`` defaults to ``config.train.num_devices``.
   """
   dataset = dataset or load_data(config)
   mesh = make_mesh(config.train.num_devices if num_devices is None else num_devices)
@@ -166,7 +166,8 @@ def setup(config: ml_collections.ConfigDict,
     method = methods_lib.from_config(config, model, dataset)
   elif not isinstance(method, Method):
     method = method(model)
-  optimizer = optimizer or make_optimizer(config, method.transforms)
+  optimizer = (make_optimizer(config, method.transforms) if optimizer is None
+               else optax.chain(*method.transforms, optimizer))
   state = jax.device_put(init_state(params, optimizer, method), NamedSharding(mesh, P()))
   step_fn = make_parallel_step(method, optimizer, mesh)
   batches = Batches(dataset.splits["train"], config.train.batch_size, config.seed)

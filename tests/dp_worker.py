@@ -1,6 +1,7 @@
 """A few data-parallel training steps, for the multi-device / multi-process tests.
 
     python tests/dp_worker.py devices OUT.npz               (XLA_FLAGS sets N CPU devices)
+    python tests/dp_worker.py modalimmune OUT.npz           (the same, ModalImmune)
     python tests/dp_worker.py process OUT.npz PORT NPROC PID  (jax.distributed over gloo)
 
 Writes the flat final parameters of the N-device (and, for ``devices``, the
@@ -38,15 +39,24 @@ def run_steps(config, num_devices=0, steps=STEPS):
     state, metrics = step(state, shard_batch(batches(s), mesh), jax.random.fold_in(rng, s))
   state = host_copy(state)
   leaves = jax.tree.leaves((state.params, state.method_state))
-  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves]), mesh.devices.size
+  flat = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves])
+  return flat, mesh.devices.size, state
 
 
-def worker_config():
+def worker_config(method="plain"):
   from tests.helpers import get_config
   config = get_config("synthetic", "smoke")
   config.train.batch_size = 16
   config.data.synthetic.shapes = {"text": (5, 6), "audio": (1, 4), "vision": (3, 2)}
   config.data.synthetic.variable_length = True
+  config.method.name = method
+  if method == "modalimmune":  # every part active within STEPS steps
+    mi = config.method.modalimmune
+    mi.ctrl_every, mi.hyper_every, mi.mask_every = 1, 2, 2
+    mi.hyper_terms, mi.hyper_batch_size, mi.p_destroy = 4, 16, 0.5
+    # soft mask: continuous in the curvature estimate, so rounding-level
+    # differences between device counts cannot flip a coordinate in or out
+    mi.mask_mode = "soft"
   return config
 
 
@@ -58,14 +68,20 @@ def main():
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
-    params, n = run_steps(worker_config())
+    params, n, _ = run_steps(worker_config())
     if jax.process_index() == 0:
       np.savez(out, params=params, devices=n, processes=jax.process_count())
     jax.distributed.shutdown()
   else:
-    many, n = run_steps(worker_config())
-    one, _ = run_steps(worker_config(), num_devices=1)
-    np.savez(out, many=many, one=one, devices=n)
+    method = "modalimmune" if mode == "modalimmune" else "plain"
+    many, n, state = run_steps(worker_config(method))
+    one, _, _ = run_steps(worker_config(method), num_devices=1)
+    extra = {}
+    if method == "modalimmune":
+      ms = state.method_state
+      extra = dict(hyper_applied=ms.hyper.applied, hyper_rejected=ms.hyper.rejected,
+                   ctrl_count=ms.controller.count)
+    np.savez(out, many=many, one=one, devices=n, **extra)
 
 
 if __name__ == "__main__":

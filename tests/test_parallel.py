@@ -13,23 +13,29 @@ from tests.helpers import ROOT
 WORKER = os.path.join(ROOT, "tests", "dp_worker.py")
 
 
-def _env(**extra):
+def _env(xla_flags=""):
+  """The test session's environment (its XLA flags, see conftest) plus ``xla_flags``."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
-  env.update(extra)
+  env["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), xla_flags) if f)
   return env
 
 
-def test_four_devices_match_one(tmp_path):
+@pytest.mark.parametrize("mode", ["devices", "modalimmune"])
+def test_four_devices_match_one(tmp_path, mode):
+  """Plain and ModalImmune (controller, interventions, collapse penalty,
+  curvature mask and BHGD all active) give the same SGD update on 4 devices."""
   out = str(tmp_path / "dev.npz")
-  proc = subprocess.run([sys.executable, WORKER, "devices", out], capture_output=True,
+  proc = subprocess.run([sys.executable, WORKER, mode, out], capture_output=True,
                         text=True, timeout=300,
-                        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                        env=_env("--xla_force_host_platform_device_count=4"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = np.load(out)
   assert int(res["devices"]) == 4
   assert not np.allclose(res["one"], np.load(out)["one"] * 0)  # trained something
   np.testing.assert_allclose(res["many"], res["one"], rtol=2e-5, atol=2e-6)
+  if mode == "modalimmune":  # the periodic parts ran: 4 controller updates, 2 hyper-steps
+    assert int(res["ctrl_count"]) == 4
+    assert int(res["hyper_applied"]) + int(res["hyper_rejected"]) == 2
 
 
 def _free_port():
@@ -59,5 +65,5 @@ def test_two_processes_match_one(tmp_path):
   assert not errors, "\n---\n".join(errors)
   res = np.load(out)
   assert int(res["devices"]) == 2 and int(res["processes"]) == 2
-  one, _ = run_steps(worker_config(), num_devices=1)
+  one, _, _ = run_steps(worker_config(), num_devices=1)
   np.testing.assert_allclose(res["params"], one, rtol=2e-5, atol=2e-6)

@@ -3,8 +3,20 @@
 from modalimmune_jax.config import base_config  # noqa: F401
 
 
+def modalimmune_periods(config, hyper_every):
+  """ModalImmune's periods for a run of ``config.train.steps`` steps: the
+  controller and the curvature estimate every 10 steps, BHGD every
+  ``hyper_every`` (about 12 hyper-steps per run at the defaults below)."""
+  mi = config.method.modalimmune
+  mi.ctrl_every = 10
+  mi.mask_every = 10
+  mi.hyper_every = hyper_every
+  return config
+
+
 def smoke(config):
-  """A tiny variant for tests: few steps, small model, no checkpoints between."""
+  """A tiny variant for tests: few steps, small model, no checkpoints between;
+  every periodic part of ModalImmune runs within its 12 steps."""
   config.train.steps = 12
   config.train.batch_size = 16
   config.train.log_every = 4
@@ -15,6 +27,9 @@ def smoke(config):
   config.eval.batch_size = 64
   config.eval.missing_rates = (0.5,)
   config.eval.snrs_db = (0.0,)
+  mi = config.method.modalimmune
+  mi.ctrl_every, mi.mask_every, mi.hyper_every = 2, 2, 4
+  mi.hyper_terms, mi.hyper_batch_size = 4, 16
   return config
 
 
@@ -35,6 +50,8 @@ def pickle_config(name, variant=""):
   config.train.eval_every = 500
   config.checkpoint.every = 500
   config.eval.frame_rates = (0.1, 0.3, 0.5)
+  modalimmune_periods(config, hyper_every=250)
+  config.method.modalimmune.hyper_batch_size = 32
   if variant == "smoke":
     smoke(config)
   elif variant:

@@ -4,7 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import base_config, smoke  # noqa: E402
+from common import base_config, modalimmune_periods, smoke  # noqa: E402
 
 
 def get_config(variant: str = ""):
@@ -14,6 +14,7 @@ def get_config(variant: str = ""):
   config.optim.learning_rate = 2e-3
   config.train.steps = 600
   config.train.batch_size = 64
+  modalimmune_periods(config, hyper_every=50)  # --config.method.name=modalimmune
   config.train.eval_every = 200
   config.checkpoint.every = 200
   config.eval.missing_rates = (0.3, 0.5, 0.7)

@@ -4,7 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import base_config, smoke  # noqa: E402
+from common import base_config, modalimmune_periods, smoke  # noqa: E402
 
 
 def get_config(variant: str = ""):
@@ -12,6 +12,7 @@ def get_config(variant: str = ""):
   config.data.name = "synthetic"
   config.train.steps = 600
   config.train.batch_size = 64
+  modalimmune_periods(config, hyper_every=50)  # --config.method.name=modalimmune
   if variant == "smoke":
     smoke(config)
     config.data.synthetic.num_samples = (128, 32, 64)
