@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "con
 import jax  # noqa: E402
 
 from modalimmune_jax import train  # noqa: E402
+from modalimmune_jax.step import shard_batch  # noqa: E402
 from modalimmune_jax.provenance import provenance  # noqa: E402
 
 
@@ -39,23 +40,21 @@ def workloads():
 
 def bench(config, steps):
   run = train.setup(config)
-  params, opt_state, step, batches, mesh = (run.params, run.opt_state, run.step_fn,
-                                            run.batches, run.mesh)
+  state, step, batches, mesh = run.state, run.step_fn, run.batches, run.mesh
   rng = jax.random.key(0)
   t0 = time.perf_counter()
-  params, opt_state, m = step(params, opt_state, train.shard_batch(batches(0), mesh), rng)
+  state, m = step(state, shard_batch(batches(0), mesh), rng)
   jax.block_until_ready(m)
   first = time.perf_counter() - t0
   rates, s = [], 1
   for _ in range(3):
     t0 = time.perf_counter()
     for _ in range(steps):
-      params, opt_state, m = step(params, opt_state, train.shard_batch(batches(s), mesh),
-                                  jax.random.fold_in(rng, s))
+      state, m = step(state, shard_batch(batches(s), mesh), jax.random.fold_in(rng, s))
       s += 1
     jax.block_until_ready(m)
     rates.append(steps / (time.perf_counter() - t0))
-  n_params = sum(x.size for x in jax.tree.leaves(params))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
   return first, statistics.median(rates), n_params, mesh.devices.size
 
 
