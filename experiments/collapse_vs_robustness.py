@@ -44,6 +44,7 @@ from modalimmune_jax import spectral
 from modalimmune_jax import train as train_lib
 from modalimmune_jax.checkpoint import Checkpointer
 from modalimmune_jax.compare import removal_name
+from modalimmune_jax.metrics import compute_metrics
 from modalimmune_jax.provenance import provenance
 from modalimmune_jax.step import device_batch, host_copy
 
@@ -87,9 +88,11 @@ def removal_condition(protocol_dict: dict, names, m: str) -> str:
   return removal_name([n for n in names if n != m])
 
 
-def embeddings(config, run_dir: str) -> tuple[dict[str, np.ndarray], int, tuple]:
+def embeddings(config, run_dir: str) -> tuple[dict[str, np.ndarray], int, tuple, dict]:
   """The encoders' output per modality over the evaluated split, from the
-  newest checkpoint: ``({modality: (N, k) float64}, checkpoint step, names)``."""
+  newest checkpoint: ``({modality: (N, k) float64}, checkpoint step, names,
+  metrics of the outputs under full)``; the metrics check that the checkpoint
+  reproduces ``results.json``."""
   run = train_lib.setup(config, num_devices=1)
   ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), config.checkpoint.max_to_keep)
   try:
@@ -100,13 +103,21 @@ def embeddings(config, run_dir: str) -> tuple[dict[str, np.ndarray], int, tuple]
     raise RuntimeError("no checkpoint")
   step, state, _, _ = restored
   params = host_copy(state).params
-  embed = jax.jit(lambda p, b: run.model.apply(p, b, None, train=False)["embeddings"])
+  @jax.jit
+  def forward(p, b):
+    out = run.model.apply(p, b, None, train=False)
+    return out["embeddings"], out["outputs"]
+
   split = run.dataset.splits[config.eval.split]
-  parts = [np.asarray(embed(params, device_batch(split.batch(idx))))
-           for idx in split.batch_indices(config.eval.batch_size)]
-  z = np.concatenate(parts).astype(np.float64)  # (N, M, k)
+  zs, outs = [], []
+  for idx in split.batch_indices(config.eval.batch_size):
+    z, out = forward(params, device_batch(split.batch(idx)))
+    zs.append(np.asarray(z))
+    outs.append(np.asarray(out))
+  z = np.concatenate(zs).astype(np.float64)  # (N, M, k)
+  full = compute_metrics(run.dataset.task, np.concatenate(outs), split.labels)
   names = tuple(run.dataset.modality_names)
-  return {m: z[:, j, :] for j, m in enumerate(names)}, step, names
+  return {m: z[:, j, :] for j, m in enumerate(names)}, step, names, full
 
 
 def severity(z: np.ndarray) -> tuple[float, float]:
@@ -160,7 +171,8 @@ def render(record: dict) -> str:
       f"jax {prov['versions'].get('jax')} ({prov['machine']['jax_backend']}), "
       f"{prov['time_utc']}",
       f"- runs: {record['num_runs']} ({len(record['skipped'])} skipped), "
-      f"points: {len(record['points'])}; metric: {metric_text}",
+      f"points: {len(record['points'])}; metric: {metric_text}; evaluated split(s): "
+      f"{', '.join(sorted({p['split'] for p in record['points']}))}",
       "",
       "**Definitions.** *severity* of modality m = `spectral.collapse_severity` (centred, "
       "float64) of the encoders' output for m over the whole evaluated split "
@@ -189,14 +201,19 @@ def render(record: dict) -> str:
       lines.append(_corr_row(f"{what} = {value}", c))
   lines += ["", f"(per data set / per method only with >= {MIN_GROUP} points; rho is n/a "
             "when fewer than 3 points or one axis is constant)", "", "## Points", "",
-            "| run | method | data set | seed | modality | severity | eff. rank | "
+            "| run | method | data set | split | seed | modality | severity | eff. rank | "
             "condition | metric full | metric without m | robustness |",
-            "|---|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
+            "|---|---|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
   for p in record["points"]:
     lines.append(
-        f"| {p['label']} | {p['method']} | {p['dataset']} | {p['seed']} | {p['modality']} | "
+        f"| {p['label']} | {p['method']} | {p['dataset']} | {p['split']} | {p['seed']} | "
+        f"{p['modality']} | "
         f"{p['severity']:.4f} | {p['effective_rank']:.2f} | {p['condition']} | "
         f"{p['metric_full']:.4f} | {p['metric_removed']:.4f} | {p['robustness']:+.4f} |")
+  bad = sorted({p["label"] for p in record["points"] if not p["reproduced"]})
+  lines += ["", "Check: the `full` metric recomputed from each restored checkpoint "
+            + ("matches `results.json` for every run." if not bad else
+               f"does NOT match `results.json` for: {', '.join(bad)} (see the JSON).")]
   if record["skipped"]:
     lines += ["", "## Skipped", ""]
     lines += [f"- {k['run']}: {k['reason']}" for k in record["skipped"]]
@@ -267,7 +284,7 @@ def main(argv=None) -> int:
       rows = {r["condition"]: r for r in results["protocol"]["rows"]}
       if "full" not in rows or rows["full"].get(metric) is None:
         raise ValueError(f"no {metric} under 'full' in results.json")
-      z, step, names = embeddings(config, run_dir)
+      z, step, names, recomputed = embeddings(config, run_dir)
     except Exception as e:  # noqa: BLE001 - one bad run should not end the report
       log(f"[{i}/{len(runs)}] {label}: skipped ({type(e).__name__}: {e})")
       skipped.append({"run": run_dir, "reason": f"{type(e).__name__}: {e}"})
@@ -277,6 +294,11 @@ def main(argv=None) -> int:
           f"of step {results.get('steps')}")
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     full = float(rows["full"][metric])
+    again = recomputed.get(metric)
+    reproduced = again is not None and abs(again - full) <= 1e-4 + 1e-3 * abs(full)
+    if not reproduced:
+      log(f"warning: {label}: the checkpoint gives {metric} {again} under full, "
+          f"results.json {full}")
     n_points = 0
     for m in names:
       cond = removal_condition(results["protocol"], names, m) if len(names) > 1 else None
@@ -288,10 +310,12 @@ def main(argv=None) -> int:
       points.append({
           "run": run_dir, "label": label, "method": results["method"],
           "dataset": results["dataset"], "task": results.get("task"),
-          "seed": config.get("seed"), "checkpoint_step": int(step), "modality": m,
+          "seed": config.get("seed"), "split": config.eval.split,
+          "checkpoint_step": int(step), "modality": m,
           "num_rows": int(z[m].shape[0]), "dim": int(z[m].shape[1]),
           "severity": sev, "effective_rank": erank, "metric": metric,
           "condition": cond, "metric_full": full, "metric_removed": removed,
+          "metric_full_from_checkpoint": again, "reproduced": bool(reproduced),
           "robustness": sign * (removed - full)})
       n_points += 1
     metrics.append(metric)
