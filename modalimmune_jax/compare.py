@@ -220,7 +220,7 @@ def plot(agg: dict, metric: str, path: str, title: str) -> str:
   conds = list(agg[labels[0]])
   scale = 1.0 if metric == "MAE" else 100.0
   width = 0.8 / len(labels)
-  fig, ax = plt.subplots(figsize=(8, 0.9 + 0.3 * len(conds) * max(1, 0.6 * len(labels))))
+  fig, ax = plt.subplots(figsize=(9.5, 0.9 + 0.3 * len(conds) * max(1, 0.6 * len(labels))))
   y = np.arange(len(conds))
   for i, label in enumerate(labels):
     means = [scale * agg[label][c]["mean"] for c in conds]
@@ -231,7 +231,7 @@ def plot(agg: dict, metric: str, path: str, title: str) -> str:
   ax.set_ylim(len(conds) - 0.5, -0.5)
   ax.set_xlabel(f"{metric} (mean ± std over seeds)")
   ax.set_title(title, fontsize=10)
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
