@@ -6,9 +6,10 @@ arXiv 2602.16197): the effective rank of Roy & Vetterli (2007), a collapse
 severity in ``[0, 1]``, the spectrum-adaptive soft tail energy penalty, and the
 collapsed view used by the destructive intervention.
 
-All spectra come from ``eigh`` of the smaller Gram matrix (``k x k`` when
-``k <= B``, else ``B x B``), whose eigenvalues are the squared singular values
-of ``z``. Only eigenvalues are differentiated (``d lambda_i = v_i^T dA v_i``),
+All spectra come from the eigenvalues of the smaller Gram matrix (``k x k`` when
+``k <= B``, else ``B x B``), the squared singular values of ``z``, computed by
+SVD of that symmetric PSD matrix (faster than ``eigh`` on XLA's CPU backend).
+Only eigenvalues are differentiated (``d lambda_i = v_i^T dA v_i``),
 which is finite for repeated and zero eigenvalues; entropies use a guarded
 ``p log p``; an all-zero batch has zero energy and is treated as fully
 collapsed. Nothing here returns NaN on a rank-1 or all-zero batch.
@@ -59,6 +60,34 @@ def _gram(z: jax.Array, axis_name: str | None) -> jax.Array:
   return 0.5 * (gram + gram.T)
 
 
+@jax.custom_jvp
+def _psd_eigvalsh(gram: jax.Array) -> jax.Array:
+  """Eigenvalues of a symmetric PSD matrix, descending, by SVD.
+
+  For a symmetric PSD matrix the singular values are the eigenvalues. Values
+  alone come from XLA's CPU SVD, several times faster than its ``eigh`` here
+  (measured on six 64 x 64 matrices: 1.8 ms against 6-9 ms). The derivative
+  is the eigenvalue one, ``d lambda_i = v_i^T dG v_i`` with the vectors from
+  ``eigh``: linear in ``dG`` (forward mode, linearisation and reverse mode all
+  work) and finite for repeated and zero eigenvalues.
+  """
+  return jnp.linalg.svd(gram, compute_uv=False)
+
+
+@_psd_eigvalsh.defjvp
+def _psd_eigvalsh_jvp(primals, tangents):
+  (gram,), (dgram,) = primals, tangents
+  lam, vecs = _psd_eigh(gram)
+  return lam, jnp.einsum("...ki,...kl,...li->...i", vecs, dgram, vecs)
+
+
+def _psd_eigh(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(eigenvalues descending, eigenvectors as columns)`` of a symmetric matrix,
+  with no derivative (used under ``stop_gradient``)."""
+  lam, vecs = jnp.linalg.eigh(jax.lax.stop_gradient(gram), symmetrize_input=False)
+  return lam[::-1], vecs[:, ::-1]
+
+
 def max_rank(z_shape: tuple[int, ...], center: bool = True) -> int:
   """The largest rank a ``(B, k)`` batch can have: ``min(B - center, k)``."""
   b, k = z_shape
@@ -79,8 +108,7 @@ def energy_spectrum(z: jax.Array, center: bool = True,
     >>> z = jax.random.normal(jax.random.key(0), (32, 8))
     >>> lam = energy_spectrum(z)  # shape (8,)
   """
-  lam = jnp.linalg.eigvalsh(_gram(_prepare(z, center, axis_name), axis_name))[::-1]
-  return jnp.maximum(lam, 0.0)
+  return jnp.maximum(_psd_eigvalsh(_gram(_prepare(z, center, axis_name), axis_name)), 0.0)
 
 
 def singular_spectrum(z: jax.Array, center: bool = True) -> jax.Array:
@@ -224,9 +252,8 @@ def collapsed_view(z: jax.Array, kappa: float | jax.Array = 0.9,
   gram = zc.T @ zc
   if axis_name is not None:
     gram = jax.lax.psum(gram, axis_name)
-  gram = jax.lax.stop_gradient(gram)
-  lam, vecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
-  lam, vecs = jnp.maximum(lam[::-1], 0.0), vecs[:, ::-1]
+  lam, vecs = _psd_eigh(0.5 * (gram + gram.T))
+  lam = jnp.maximum(lam, 0.0)
   p = lam / jnp.maximum(jnp.sum(lam), _TINY)
   c = jnp.cumsum(p) - p
   keep = (c < kappa).astype(z.dtype)

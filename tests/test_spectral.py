@@ -122,3 +122,26 @@ def test_collapsed_view_keeps_kappa_energy():
     # projection: the mean is kept and applying it twice changes nothing
     np.testing.assert_allclose(view.mean(0), z.mean(0), atol=1e-4)
     np.testing.assert_allclose(spectral.collapsed_view(view, kappa), view, atol=1e-3)
+
+
+@pytest.mark.usefixtures("x64")
+def test_energy_derivatives_match_eigvalsh_in_both_modes():
+  """The SVD-based spectrum's custom JVP against autodiff of jnp.linalg.eigvalsh:
+  reverse mode (gradients) and forward mode (what jax.linearize uses for the
+  Gauss-Newton hyper-gradient)."""
+  z = jax.random.normal(jax.random.key(1), (12, 5))
+  w = jnp.linspace(1.0, 2.0, 5)
+
+  def reference(z):
+    zc = z - z.mean(0)
+    return jnp.linalg.eigvalsh(zc.T @ zc)[::-1]
+
+  f = lambda z: jnp.sum(w * spectral.energy_spectrum(z))
+  g_ref = jax.grad(lambda z: jnp.sum(w * reference(z)))(z)
+  np.testing.assert_allclose(jax.grad(f)(z), g_ref, rtol=1e-8, atol=1e-10)
+  v = jax.random.normal(jax.random.key(2), z.shape)
+  _, t = jax.jvp(spectral.energy_spectrum, (z,), (v,))
+  _, t_ref = jax.jvp(reference, (z,), (v,))
+  np.testing.assert_allclose(t, t_ref, rtol=1e-8, atol=1e-10)
+  _, lin = jax.linearize(spectral.energy_spectrum, z)
+  np.testing.assert_allclose(lin(v), t_ref, rtol=1e-8, atol=1e-10)
