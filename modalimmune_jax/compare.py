@@ -193,7 +193,8 @@ def render(agg: dict, metric: str, *, title: str, dominant: str | None,
     cells = [f"{scale * ref['full']:.2f}", f"{scale * ref_missing:.2f}"]
     if drop_dom:
       cells.append(f"{scale * ref[drop_dom]:.2f}")
-    lines.append(f"| linear reference (C={reference['C']:g}) | " + " | ".join(cells) + " |")
+    lines.append(f"| linear reference (seed-{reference['seed']} data, C={reference['C']:g}) | "
+                 + " | ".join(cells) + " |")
   lines += ["", "Every condition:", "", "| condition | " + " | ".join(labels) + " |",
             "|---|" + "---:|" * len(labels)]
   for c in conds + ["mean missing"]:
@@ -311,7 +312,7 @@ def main(argv) -> int:
     rows_ref = {n: v[metric] for n, v in result.rows}
     kinds = {c.name: c.kind for c in conds}
     missing = [rows_ref[n] for n in rows_ref if kinds[n] in MISSING_KINDS]
-    reference = {"C": ref.C, "valid_score": ref.valid_score, "rows": rows_ref,
+    reference = {"C": ref.C, "seed": base.seed, "valid_score": ref.valid_score, "rows": rows_ref,
                  "mean_missing": float(sum(missing) / max(len(missing), 1))}
   prov = provenance(seeds=seeds)
   info = {"seeds": seeds, "split": base.eval.split, "command": prov["command"],
