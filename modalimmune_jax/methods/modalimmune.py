@@ -51,7 +51,7 @@ from modalimmune_jax.methods.base import Method, ModelFns, reconstruction_loss
 from modalimmune_jax.methods.plain import supervised_loss
 
 __all__ = ["Settings", "ModalImmuneState", "HyperStats", "constrain", "unconstrain",
-           "hyper_batches", "modalimmune", "from_config"]
+           "hyper_batches", "bhgd_objectives", "modalimmune", "from_config"]
 
 
 class Settings(NamedTuple):
@@ -167,6 +167,48 @@ def _intervention_hook(mode, destroy, target, kappa, axis_name):
   return hook
 
 
+def bhgd_objectives(model: ModelFns, settings: Settings) -> tuple[GaussNewton, Any]:
+  """BHGD's ``(inner, outer)`` objectives for :func:`~modalimmune_jax.hypergrad.neumann_hypergrad`.
+
+  ``inner(params, phi, train_batch, alpha)``: the training objective without
+  intervention, in evaluation mode, split for Gauss-Newton (outputs: logits,
+  masked reconstruction residuals, each modality's energy shares; the loss is
+  convex in the first two and linear in the shares, and only it reads ``phi``).
+  ``outer(params, phi, val_batches)``: the task loss averaged over the stacked
+  missing-modality patterns of :func:`hyper_batches`.
+  """
+  s, m = settings, len(model.names)
+
+  def model_fn(params, phi, batch, alpha):
+    out = model.apply(params, batch, None, train=False)
+    if "reconstructions" in out:
+      w = batch["presence"].astype(out["embeddings"].dtype)[..., None]
+      resid = (out["reconstructions"] - jax.lax.stop_gradient(out["embeddings"])) * w
+    else:
+      resid = jnp.zeros((1,), out["outputs"].dtype)
+    shares = jnp.stack([spectral.energy_shares(out["embeddings"][:, j]) for j in range(m)])
+    return out["outputs"], resid, shares
+
+  def output_loss(outputs, phi, batch, alpha):
+    logits, resid, shares = outputs
+    meta = constrain(phi)
+    k = resid.shape[-1]
+    count = jnp.maximum(jnp.sum(batch["presence"].astype(resid.dtype)), 1.0) * k
+    loss = model.task_loss(logits, batch["labels"]) + meta["mu"] * jnp.sum(resid ** 2) / count
+    if s.collapse:  # linear in the shares: a zero Gauss-Newton block
+      loss += meta["lambda"] * sum(alpha[j] * spectral.tail_energy(shares[j], meta["kappa"],
+                                                                   meta["eta"])
+                                   for j in range(m))
+    return loss
+
+  def outer(params, phi, val):
+    per_pattern = jax.vmap(lambda b: model.task_loss(
+        model.apply(params, b, None, train=False)["outputs"], b["labels"]))(val)
+    return jnp.mean(per_pattern)
+
+  return GaussNewton(model_fn, output_loss, model_uses_hparams=False), outer
+
+
 def modalimmune(model: ModelFns, settings: Settings = Settings(),
                 hyper_data: tuple[dict, dict] | None = None) -> Method:
   """The ModalImmune training method.
@@ -231,36 +273,7 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
     metrics["destructive"] = destructive
     return task + meta["mu"] * recon + destructive, destructive, metrics
 
-  # ---- BHGD: the inner objective split for Gauss-Newton, and the outer loss ----
-
-  def model_fn(params, phi, batch, alpha):
-    out = model.apply(params, batch, None, train=False)
-    if "reconstructions" in out:
-      w = batch["presence"].astype(out["embeddings"].dtype)[..., None]
-      resid = (out["reconstructions"] - jax.lax.stop_gradient(out["embeddings"])) * w
-    else:
-      resid = jnp.zeros((1,), out["outputs"].dtype)
-    shares = jnp.stack([spectral.energy_shares(out["embeddings"][:, j]) for j in range(m)])
-    return out["outputs"], resid, shares
-
-  def output_loss(outputs, phi, batch, alpha):
-    logits, resid, shares = outputs
-    meta = constrain(phi)
-    k = resid.shape[-1]
-    count = jnp.maximum(jnp.sum(batch["presence"].astype(resid.dtype)), 1.0) * k
-    loss = model.task_loss(logits, batch["labels"]) + meta["mu"] * jnp.sum(resid ** 2) / count
-    if s.collapse:  # linear in the shares: a zero Gauss-Newton block
-      loss += meta["lambda"] * sum(alpha[j] * spectral.tail_energy(shares[j], meta["kappa"],
-                                                                   meta["eta"])
-                                   for j in range(m))
-    return loss
-
-  inner = GaussNewton(model_fn, output_loss, model_uses_hparams=False)
-
-  def outer(params, phi, val):
-    per_pattern = jax.vmap(lambda b: model.task_loss(
-        model.apply(params, b, None, train=False)["outputs"], b["labels"]))(val)
-    return jnp.mean(per_pattern)
+  inner, outer = bhgd_objectives(model, s)
 
   def hyper_step(state, params):
     train_b, val = state.hyper_data
