@@ -51,5 +51,9 @@ def modality_dropout(model: ModelFns, rates: float | Sequence[float] = 0.3,
 
 def from_config(config, model: ModelFns, dataset) -> Method:
   d = config.method.dropout
+  if len(d.rates) not in (0, len(model.names)):
+    from modalimmune_jax.config import ConfigError
+    raise ConfigError(f"config key 'method.dropout.rates' needs one rate per modality "
+                      f"{model.names}, got {tuple(d.rates)}")
   rates = tuple(d.rates) if len(d.rates) else d.rate
   return modality_dropout(model, rates, config.method.reconstruction_weight)
