@@ -28,7 +28,6 @@ set).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import run_dirs  # experiments/run_dirs.py, beside this script
 from modalimmune_jax import spectral
 from modalimmune_jax import train as train_lib
 from modalimmune_jax.checkpoint import Checkpointer
@@ -63,20 +63,8 @@ def is_run(path: str) -> bool:
 
 
 def find_runs(paths) -> list[str]:
-  """The run directories among ``paths`` and below them (sorted, no repeats)."""
-  runs = []
-  for path in paths:
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-      raise SystemExit(f"error: {path} is not a directory")
-    if is_run(path):
-      runs.append(path)
-      continue
-    for root, dirs, _ in os.walk(path):
-      dirs[:] = sorted(d for d in dirs if d != "checkpoints")
-      if is_run(root):
-        runs.append(root)
-  return sorted(dict.fromkeys(runs))
+  """The runs (``results.json`` and ``checkpoints/``) among ``paths`` and below them."""
+  return run_dirs.find_runs(paths, is_run)
 
 
 def removal_condition(protocol_dict: dict, names, m: str) -> str:
@@ -256,12 +244,7 @@ def plot(record: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                      help="run directories, or directories to search recursively")
-  parser.add_argument("--out", required=True, help="output directory")
+  parser = run_dirs.parser(__doc__)
   parser.add_argument("--metric", default=None,
                       help="metric to use (default: each run's headline_metric)")
   args = parser.parse_args(argv)

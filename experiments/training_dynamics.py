@@ -25,12 +25,12 @@ hyper-steps applied / rejected, and the provenance.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 
+import run_dirs  # experiments/run_dirs.py, beside this script
 from modalimmune_jax.provenance import provenance
 
 META = ("lambda", "kappa", "eta", "mu")
@@ -42,16 +42,7 @@ def log(msg: str) -> None:
 
 def find_runs(paths) -> list[str]:
   """Directories among ``paths`` and below them holding ``metrics.jsonl``."""
-  runs = []
-  for path in paths:
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-      raise SystemExit(f"error: {path} is not a directory")
-    for root, dirs, files in os.walk(path):
-      dirs[:] = sorted(d for d in dirs if d != "checkpoints")
-      if "metrics.jsonl" in files:
-        runs.append(root)
-  return sorted(dict.fromkeys(runs))
+  return run_dirs.find_runs(paths, lambda d: os.path.isfile(os.path.join(d, "metrics.jsonl")))
 
 
 def labels_of(runs: list[str]) -> dict[str, str]:
@@ -260,12 +251,7 @@ def render(rows: list[dict], skipped: list[dict], prov: dict) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                      help="run directories, or directories to search recursively")
-  parser.add_argument("--out", required=True, help="output directory")
+  parser = run_dirs.parser(__doc__)
   args = parser.parse_args(argv)
 
   runs = find_runs(args.runs)
