@@ -24,7 +24,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
