@@ -56,12 +56,12 @@ SEARCH: dict[str, list[dict[str, Any]]] = {
               {"model.dropout": 0.3, "optim.weight_decay": 1e-2}],
     "dropout": [{"method.dropout.rate": 0.15}, {"method.dropout.rate": 0.3},
                 {"method.dropout.rate": 0.5}],
-    "modalimmune": [{"method.modalimmune.intervention": "collapse",
+    "modalimmune": [{"method.modalimmune.intervention": "drop",
+                     "method.modalimmune.p_destroy": 0.6},
+                    {"method.modalimmune.intervention": "drop_cells",
                      "method.modalimmune.p_destroy": 0.3},
-                    {"method.modalimmune.intervention": "drop",
-                     "method.modalimmune.p_destroy": 0.3},
-                    {"method.modalimmune.intervention": "drop",
-                     "method.modalimmune.p_destroy": 0.6}],
+                    {"method.modalimmune.intervention": "drop_cells",
+                     "method.modalimmune.p_destroy": 0.5}],
 }
 
 # Each row switches one part of ModalImmune off (a row is one config).

@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   mi.eta = 0.05                 # softness of the tail boundary
   mi.interventions = True       # destructive interventions
   mi.p_destroy = 0.3
-  mi.intervention = "collapse"  # collapse | drop
+  mi.intervention = "collapse"  # collapse | drop | drop_cells (per-cell, rates from alpha)
   mi.controller = True          # information-gain controller; False = uniform alpha
   mi.ctrl_every = 10
   mi.ctrl_decay = 0.9
@@ -151,7 +151,7 @@ _CHOICES = {
     "data.synthetic.task": ("classification", "regression"),
     "optim.schedule": ("cosine", "constant"),
     "method.name": ("plain", "dropout", "modalimmune"),
-    "method.modalimmune.intervention": ("collapse", "drop"),
+    "method.modalimmune.intervention": ("collapse", "drop", "drop_cells"),
     "method.modalimmune.mask_mode": ("hard", "soft"),
     "method.modalimmune.hyper_solver": ("cg", "neumann"),
     "method.modalimmune.hyper_removals": ("all", "drop_one", "keep_one", "drop_one+keep_one",

@@ -105,6 +105,11 @@ def test_intervention_hook_collapses_or_drops_the_target():
   z3, p3 = mi._intervention_hook("drop", jnp.array(True), jnp.array(2), 0.5, None)(z, present)
   np.testing.assert_array_equal(z3, z)
   assert not bool(p3[:, 2].any()) and bool(p3[:, :2].all())
+  keep = jax.random.bernoulli(jax.random.key(1), 0.5, (32, 3))
+  z4, p4 = mi._intervention_hook("drop_cells", jnp.array(False), jnp.array(0), 0.5, None,
+                                 keep)(z, present)
+  np.testing.assert_array_equal(z4, z)
+  np.testing.assert_array_equal(p4, keep)
 
 
 def test_meta_parametrisation_round_trips():

@@ -19,7 +19,8 @@ SWITCHES = {
     "method.modalimmune.bhgd": (True, False),
     "model.reconstruction": (True, False),
     "model.property_vectors": (True, False),
-    "method.modalimmune.intervention": ("collapse", "drop"),
+    # collapse is the default, run by the resume and 4-device tests
+    "method.modalimmune.intervention": ("drop", "drop_cells"),
     "method.modalimmune.mask_mode": ("hard", "soft"),
 }
 
@@ -102,3 +103,22 @@ def test_stopped_modalimmune_run_resumes_exactly(tmp_path):
   assert int(ms.controller.count) == 6 and int(ms.hyper.applied + ms.hyper.rejected) == 4
   log = (tmp_path / "resumed" / "metrics.jsonl").read_text()
   assert log.count('"event": "hypergrad"') == 4 and '"event": "resume"' in log
+
+
+def test_drop_cells_with_uniform_intensities_is_dropout_at_p_destroy():
+  """``intervention="drop_cells"``, controller off: each cell removed with rate
+  p_destroy (minus the rescue of all-removed samples), within sampling error."""
+  config = small_config()
+  config.data.synthetic.num_samples = (512, 32, 64)
+  config.train.batch_size = 512
+  mi = config.method.modalimmune
+  mi.intervention, mi.controller, mi.p_destroy = "drop_cells", False, 0.4
+  mi.bhgd = mi.curvature_mask = False
+  run = train.setup(config, num_devices=1)
+  batch = shard_batch(run.batches(0), run.mesh)
+  loss = jax.jit(lambda p, ms, b, k: run.method.loss(p, ms, b, k)[2]["kept_fraction"])
+  kept = np.mean([float(loss(run.state.params, run.state.method_state, batch,
+                             jax.random.key(i))) for i in range(4)])
+  expected = 1 - (0.4 - 0.4 ** 3 / 3)  # P(removed) = rate - P(all removed) / M
+  sigma = np.sqrt(expected * (1 - expected) / (4 * 512 * 3))
+  assert abs(kept - expected) < 5 * sigma, (kept, expected)

@@ -12,7 +12,10 @@ and controller intensities ``alpha`` (:mod:`modalimmune_jax.controller`):
 * ``x'``: with probability ``p_destroy`` the batch goes through a destructive
   intervention on one modality drawn from ``alpha``: its embedding replaced by
   the collapsed view at ``kappa`` (``intervention="collapse"``), or the
-  modality dropped (``"drop"``);
+  modality dropped (``"drop"``); or (``"drop_cells"``) every (sample,
+  modality) cell is removed with rate ``min(p_destroy * M * alpha_m, 0.95)``,
+  at least one modality kept per sample (uniform ``alpha``: modality dropout at
+  rate ``p_destroy``; the controller steers it to the modality the model leans on);
 * every ``ctrl_every`` steps the controller re-measures the information gains;
 * every ``hyper_every`` steps BHGD takes one optax step on the unconstrained
   meta-parameters (``log lambda``, ``logit kappa``, ``log eta``, ``log mu``)
@@ -46,8 +49,8 @@ from modalimmune_jax import controller as ctrl
 from modalimmune_jax import protocol, spectral
 from modalimmune_jax.curvature import curvature_mask
 from modalimmune_jax.hypergrad import GaussNewton, neumann_hypergrad
-from modalimmune_jax.masking import remove_modalities
-from modalimmune_jax.methods.base import Method, ModelFns, reconstruction_loss
+from modalimmune_jax.masking import random_presence, remove_modalities
+from modalimmune_jax.methods.base import Method, ModelFns, local_rows, reconstruction_loss
 from modalimmune_jax.methods.plain import supervised_loss
 
 __all__ = ["Settings", "ModalImmuneState", "HyperStats", "constrain", "unconstrain",
@@ -65,7 +68,7 @@ class Settings(NamedTuple):
   # destructive interventions
   interventions: bool = True
   p_destroy: float = 0.3
-  intervention: str = "collapse"  # collapse | drop
+  intervention: str = "collapse"  # collapse | drop | drop_cells
   # information-gain controller (off: uniform intensities)
   controller: bool = True
   ctrl_every: int = 10
@@ -116,6 +119,8 @@ class ModalImmuneState(NamedTuple):
 
 
 META = ("lambda", "kappa", "eta", "mu")
+INTERVENTIONS = ("collapse", "drop", "drop_cells")
+DROP_CELLS_MAX = 0.95  # the highest per-cell removal rate of "drop_cells"
 
 
 def constrain(phi: dict) -> dict:
@@ -155,9 +160,12 @@ def hyper_batches(dataset, size: int, seed: int, removals: str = "drop_one",
   return drop_index(tr), drop_index(val)
 
 
-def _intervention_hook(mode, destroy, target, kappa, axis_name):
-  """``(z, present) -> (z, present)`` applying the intervention when ``destroy``."""
+def _intervention_hook(mode, destroy, target, kappa, axis_name, keep=None):
+  """``(z, present) -> (z, present)`` applying the intervention when ``destroy``
+  (``"drop_cells"``: the local rows ``keep`` of a per-cell presence draw)."""
   def hook(z, present):
+    if mode == "drop_cells":
+      return z, present & keep
     if mode == "collapse":
       zj = jnp.take(z, target, axis=1)
       view = spectral.collapsed_view(zj, jax.lax.stop_gradient(kappa), axis_name=axis_name)
@@ -223,8 +231,8 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
     A :class:`~modalimmune_jax.methods.base.Method`.
   """
   s = settings
-  if s.intervention not in ("collapse", "drop"):
-    raise ValueError(f"intervention must be 'collapse' or 'drop', got {s.intervention!r}")
+  if s.intervention not in INTERVENTIONS:
+    raise ValueError(f"intervention must be one of {INTERVENTIONS}, got {s.intervention!r}")
   if s.bhgd and hyper_data is None:
     raise ValueError("bhgd needs hyper_data (see hyper_batches)")
   names, m = model.names, len(model.names)
@@ -255,14 +263,25 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
     hook = None
     destroy = jnp.zeros([], bool)
     target = jnp.zeros([], jnp.int32)
+    keep = None
+    if s.intervention == "drop_cells" and s.interventions:
+      # per (sample, modality): removed with rate p_destroy * M * alpha_m (capped),
+      # drawn for the global batch, at least one modality kept per sample
+      rates = jnp.minimum(s.p_destroy * m * alpha, DROP_CELLS_MAX)
+      n_global = model.batch_size(batch) * (1 if axis_name is None
+                                            else jax.lax.axis_size(axis_name))
+      keep = local_rows(random_presence(jax.random.fold_in(k_pick, 1), n_global, rates),
+                        axis_name)
     if s.interventions:  # the same draw on every device: one decision per global batch
       destroy = jax.random.uniform(k_do) < s.p_destroy
       target = jax.random.categorical(k_pick, jnp.log(alpha))
-      hook = _intervention_hook(s.intervention, destroy, target, meta["kappa"], axis_name)
+      hook = _intervention_hook(s.intervention, destroy, target, meta["kappa"], axis_name,
+                                keep)
     out = model.apply(params, batch, k_model, hook=hook, axis_name=axis_name)
     task = model.task_loss(out["outputs"], batch["labels"])
     recon = reconstruction_loss(out, batch["presence"])
     metrics = {"task_loss": task, "recon_loss": recon,
+               "kept_fraction": jnp.mean(out["presence"].astype(jnp.float32)),
                "destroyed": destroy.astype(jnp.float32),
                "target": jnp.where(destroy, target, -1).astype(jnp.float32)}
     destructive = jnp.zeros([], task.dtype)
