@@ -44,7 +44,6 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:vari
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
-log = logging.getLogger("modalimmune_jax.compare")
 
 # The tuning budget: the same number of trials for every method, each a set of
 # config overrides. plain: regularisation (fusion/encoder dropout, weight
@@ -107,7 +106,7 @@ def run_once(config, workdir: str) -> dict:
     with open(path) as f:
       record = json.load(f)
     if record.get("config") == json.loads(config.to_json_best_effort()):
-      log.info("done already: %s", workdir)
+      print(f"done already: {workdir}", file=sys.stderr)
       return record
     raise SystemExit(f"error: {workdir} holds a run of another config; move it away or "
                      "choose another --workdir")
