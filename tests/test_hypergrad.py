@@ -40,13 +40,18 @@ def test_neumann_solve_converges_to_dense_solve():
   assert float(info.rho) == pytest.approx(1 - 1 / 20.0, rel=1e-3)
 
 
-def test_neumann_solve_pytree_and_tolerance():
-  rng = np.random.default_rng(1)
-  a = _spd(rng, 5, cond=5.0)
+def _pytree_problem(seed, cond):
+  """An SPD ``a``, a pytree ``b``, its flat form, the matvec on pytrees, lambda_min."""
+  rng = np.random.default_rng(seed)
+  a = _spd(rng, 5, cond=cond)
   b = {"u": jnp.asarray(rng.normal(size=3)), "v": jnp.asarray(rng.normal(size=2))}
   flat_b, unravel = jax.flatten_util.ravel_pytree(b)
   mv = lambda t: unravel(a @ jax.flatten_util.ravel_pytree(t)[0])
-  mu = np.linalg.eigvalsh(a).min()
+  return a, b, flat_b, mv, np.linalg.eigvalsh(a).min()
+
+
+def test_neumann_solve_pytree_and_tolerance():
+  a, b, flat_b, mv, mu = _pytree_problem(1, cond=5.0)
   x, info = jax.jit(lambda b: hg.neumann_solve(
       mv, b, alpha=0.15, tol=1e-6, max_terms=500, min_eigenvalue=mu))(b)
   err = np.linalg.norm(jax.flatten_util.ravel_pytree(x)[0] - np.linalg.solve(a, flat_b))
@@ -382,12 +387,7 @@ def test_cg_solve_matches_dense_solve():
 
 
 def test_cg_solve_pytree_and_tolerance_under_jit():
-  rng = np.random.default_rng(6)
-  a = _spd(rng, 5, cond=30.0)
-  b = {"u": jnp.asarray(rng.normal(size=3)), "v": jnp.asarray(rng.normal(size=2))}
-  flat_b, unravel = jax.flatten_util.ravel_pytree(b)
-  mv = lambda t: unravel(a @ jax.flatten_util.ravel_pytree(t)[0])
-  mu = np.linalg.eigvalsh(a).min()
+  a, b, flat_b, mv, mu = _pytree_problem(6, cond=30.0)
   x, info = jax.jit(lambda b: hg.cg_solve(mv, b, tol=1e-9, max_terms=50,
                                           min_eigenvalue=mu))(b)
   err = np.linalg.norm(jax.flatten_util.ravel_pytree(x)[0] - np.linalg.solve(a, flat_b))
