@@ -272,9 +272,11 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
                                             else jax.lax.axis_size(axis_name))
       keep = local_rows(random_presence(jax.random.fold_in(k_pick, 1), n_global, rates),
                         axis_name)
-    if s.interventions:  # the same draw on every device: one decision per global batch
+    if s.interventions and s.intervention != "drop_cells":
+      # the same draw on every device: one decision per global batch
       destroy = jax.random.uniform(k_do) < s.p_destroy
       target = jax.random.categorical(k_pick, jnp.log(alpha))
+    if s.interventions:
       hook = _intervention_hook(s.intervention, destroy, target, meta["kappa"], axis_name,
                                 keep)
     out = model.apply(params, batch, k_model, hook=hook, axis_name=axis_name)
