@@ -23,7 +23,6 @@ off in turn (:data:`ABLATIONS`) instead of methods.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -78,19 +77,6 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 MISSING_KINDS = ("removal", "random_missing", "frame_missing")
 
 
-def with_overrides(config, overrides: dict[str, Any]):
-  """A copy of ``config`` with dotted-key overrides applied."""
-  config = copy.deepcopy(config)
-  with config.unlocked():
-    for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
-
-
 def selection_score(protocol_dict: dict, metric: str) -> float:
   """Mean ``metric`` over ``full`` and the missing-modality conditions."""
   kinds = {c["name"]: c["kind"] for c in protocol_dict["meta"]["conditions"]}
@@ -130,8 +116,8 @@ def dominant_modality(dataset, agg: dict, lower_is_better: bool) -> tuple[str | 
   if dataset.meta.get("dominant"):
     return dataset.meta["dominant"], "by construction"
   first = agg[next(iter(agg))]
-  drops = {m: first[removal_name([n for n in names if n != m])]["mean"] for m in names
-           if removal_name([n for n in names if n != m]) in first}
+  without = {m: removal_name([n for n in names if n != m]) for m in names}
+  drops = {m: first[c]["mean"] for m, c in without.items() if c in first}
   if not drops:
     return None, ""
   pick = (max if lower_is_better else min)(drops, key=drops.get)
@@ -244,7 +230,7 @@ def main(argv) -> int:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
-  from modalimmune_jax.config import ConfigError, validate_config
+  from modalimmune_jax.config import ConfigError, validate_config, with_overrides
   base = FLAGS.config
   try:
     seeds = [int(s) for s in FLAGS.seeds]
@@ -291,22 +277,21 @@ def main(argv) -> int:
       chosen[label] = {"overrides": best["overrides"], "trials": trials}
       rows[label] = with_overrides(cfg, best["overrides"])
 
+  def seed_dir(label, seed):  # "no BHGD (fixed meta-parameters)" -> no_BHGD/seed0
+    return os.path.join(FLAGS.workdir, label.split(" (")[0].replace(" ", "_"), f"seed{seed}")
+
   records: dict[str, list[dict]] = {}
   for label, cfg in rows.items():
-    slug = label.split(" (")[0].replace(" ", "_")
-    records[label] = [run_once(with_overrides(cfg, {"seed": s}),
-                               os.path.join(FLAGS.workdir, slug, f"seed{s}")) for s in seeds]
+    records[label] = [run_once(with_overrides(cfg, {"seed": s}), seed_dir(label, s))
+                      for s in seeds]
 
   agg = aggregate(records, metric)
   reference = None
   if FLAGS.reference:
-    from modalimmune_jax import protocol
     from modalimmune_jax.reference import fit_linear_reference
     ref = fit_linear_reference(dataset)
     split = dataset.splits[base.eval.split]
-    conds = [protocol.full()] + protocol.REMOVALS[base.eval.removals](dataset.modality_names)
-    conds += [protocol.random_missing(r) for r in base.eval.missing_rates]
-    conds += [protocol.frame_missing(r) for r in base.eval.frame_rates]
+    conds = train.eval_conditions(base, dataset.modality_names)
     result = ref.evaluate(split, conds, seed=base.eval.seed)
     rows_ref = {n: v[metric] for n, v in result.rows}
     kinds = {c.name: c.kind for c in conds}
@@ -326,10 +311,7 @@ def main(argv) -> int:
   out = {"metric": metric, "title": title, "aggregate": agg, "chosen": chosen,
          "dominant": dominant, "dominant_how": info["dominant_how"],
          "reference": reference, "provenance": prov,
-         "runs": {label: [{"workdir": os.path.join(FLAGS.workdir,
-                                                    label.split(" (")[0].replace(" ", "_"),
-                                                    f"seed{s}"),
-                           "seed": s, "provenance": r["provenance"], "config": r["config"],
+         "runs": {label: [{"workdir": seed_dir(label, s), "seed": s, "provenance": r["provenance"], "config": r["config"],
                            "train_seconds": r["train_seconds"]}
                           for s, r in zip(seeds, recs)] for label, recs in records.items()}}
   with open(os.path.join(FLAGS.workdir, "comparison.md"), "w") as f:

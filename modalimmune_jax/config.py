@@ -8,12 +8,13 @@ in a config file or an override never runs silently with a default.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from typing import Any
 
 import ml_collections
 
-__all__ = ["base_config", "validate_config", "ConfigError"]
+__all__ = ["base_config", "validate_config", "with_overrides", "ConfigError"]
 
 # Keys whose contents are free-form (not checked against the schema).
 FREE_FORM = ("data.synthetic.shapes",)
@@ -238,3 +239,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if given["data.name"] in ("mosi", "mosei", "iemocap") and not given["data.path"]:
     raise ConfigError(f"config key 'data.path' must name the {given['data.name']} pickle "
                       "(no data is downloaded at run time)")
+
+
+def with_overrides(config: ml_collections.ConfigDict,
+                   overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with dotted-key overrides applied (``{"train.steps": 5}``)."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config

@@ -197,9 +197,11 @@ def gaussian_noise(snr_db: float, modalities: Sequence[str] | None = None) -> Co
 def standard_conditions(modality_names: Sequence[str],
                         missing_rates: Iterable[float] = (0.3, 0.5, 0.7),
                         frame_rates: Iterable[float] = (),
-                        snrs_db: Iterable[float] = (10.0, 0.0)) -> list[Condition]:
-  """``full``, every fixed removal, random missing rates, frame rates, noise levels."""
-  return ([full()] + removal_conditions(modality_names)
+                        snrs_db: Iterable[float] = (10.0, 0.0),
+                        removals: str = "all") -> list[Condition]:
+  """``full``, the fixed removals named by ``removals`` (a key of :data:`REMOVALS`,
+  default every subset), random missing rates, frame rates, noise levels."""
+  return ([full()] + REMOVALS[removals](modality_names)
           + [random_missing(r) for r in missing_rates]
           + [frame_missing(r) for r in frame_rates]
           + [gaussian_noise(s) for s in snrs_db])

@@ -44,7 +44,7 @@ from modalimmune_jax.step import (TrainState, device_batch, host_copy, init_stat
 
 __all__ = [
     "NonFiniteError", "load_data", "build_model", "make_optimizer", "make_predict_fn",
-    "Batches", "Setup", "setup", "train_and_evaluate", "evaluate_split",
+    "Batches", "Setup", "setup", "train_and_evaluate", "eval_conditions", "evaluate_split",
 ]
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,14 @@ def _jsonable(metrics: dict) -> dict:
   return {k: float(v) for k, v in metrics.items()}
 
 
+def eval_conditions(config: ml_collections.ConfigDict,
+                    modality_names: Sequence[str]) -> list[protocol.Condition]:
+  """The protocol's conditions that ``config.eval`` asks for."""
+  e = config.eval
+  return protocol.standard_conditions(modality_names, e.missing_rates, e.frame_rates,
+                                      e.snrs_db, removals=e.removals)
+
+
 def evaluate_split(predict, params, split, batch_size) -> dict:
   """Metrics of ``split`` with every modality present."""
   result = protocol.evaluate(lambda b: predict(params, device_batch(b)), split,
@@ -325,11 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return summary
 
   split = dataset.splits[config.eval.split]
-  conditions = [protocol.full()] + protocol.REMOVALS[config.eval.removals](
-      dataset.modality_names)
-  conditions += [protocol.random_missing(r) for r in config.eval.missing_rates]
-  conditions += [protocol.frame_missing(r) for r in config.eval.frame_rates]
-  conditions += [protocol.gaussian_noise(s) for s in config.eval.snrs_db]
+  conditions = eval_conditions(config, dataset.modality_names)
   result = protocol.evaluate(lambda b: predict(final_params, device_batch(b)), split,
                              conditions, batch_size=config.eval.batch_size,
                              seed=config.eval.seed,

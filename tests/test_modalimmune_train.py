@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from modalimmune_jax import train
+from modalimmune_jax.config import with_overrides
 from modalimmune_jax.step import host_copy, shard_batch
 from tests.helpers import get_config
 
@@ -54,14 +55,8 @@ def test_covering_rows_cover_every_pair():
 
 @pytest.mark.parametrize("row", covering_rows(len(SWITCHES)))
 def test_switch_combinations_train_without_nan(row):
-  config = small_config()
-  with config.unlocked():
-    for (key, values), bit in zip(SWITCHES.items(), row):
-      node = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = values[bit]
+  config = with_overrides(small_config(), {key: values[bit] for (key, values), bit
+                                           in zip(SWITCHES.items(), row)})
   run = train.setup(config)
   state = run.state
   for s in range(6):

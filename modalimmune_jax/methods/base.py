@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-__all__ = ["Method", "ModelFns", "task_loss", "reconstruction_loss", "local_rows",
-           "no_update"]
+__all__ = ["Method", "ModelFns", "task_loss", "reconstruction_loss", "global_batch_size",
+           "local_rows", "no_update"]
 
 
 def no_update(state, params, batch, rng, step, axis_name=None):
@@ -90,6 +90,12 @@ def reconstruction_loss(out: dict, present: jax.Array) -> jax.Array:
   present = present.astype(out["embeddings"].dtype)
   err = jnp.mean((out["reconstructions"] - jax.lax.stop_gradient(out["embeddings"])) ** 2, -1)
   return jnp.sum(err * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
+def global_batch_size(batch: dict, axis_name: str | None) -> int:
+  """Rows of the global batch: the local rows times the devices on ``axis_name``."""
+  rows = batch["presence"].shape[0]
+  return rows if axis_name is None else rows * jax.lax.axis_size(axis_name)
 
 
 def local_rows(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -138,6 +144,3 @@ class ModelFns(NamedTuple):
 
   def task_loss(self, outputs: jax.Array, labels: jax.Array) -> jax.Array:
     return task_loss(self.task, outputs, labels, self.regression_loss)
-
-  def batch_size(self, batch: dict) -> int:
-    return batch["presence"].shape[0]

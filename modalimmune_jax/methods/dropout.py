@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from modalimmune_jax.masking import random_presence, remove_modalities
-from modalimmune_jax.methods.base import Method, ModelFns, local_rows
+from modalimmune_jax.methods.base import Method, ModelFns, global_batch_size, local_rows
 from modalimmune_jax.methods.plain import supervised_loss
 
 __all__ = ["modality_dropout", "from_config"]
@@ -37,8 +37,7 @@ def modality_dropout(model: ModelFns, rates: float | Sequence[float] = 0.3,
 
   def loss(params, state, batch, rng, axis_name=None):
     k_mask, k_model = jax.random.split(rng)
-    n_global = model.batch_size(batch) * (1 if axis_name is None
-                                          else jax.lax.axis_size(axis_name))
+    n_global = global_batch_size(batch, axis_name)
     keep = local_rows(random_presence(k_mask, n_global, rates), axis_name)
     dropped = remove_modalities(batch, keep, model.names)
     total, metrics, _ = supervised_loss(model, params, dropped, k_model,

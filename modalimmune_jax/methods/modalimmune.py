@@ -50,7 +50,8 @@ from modalimmune_jax import protocol, spectral
 from modalimmune_jax.curvature import curvature_mask
 from modalimmune_jax.hypergrad import GaussNewton, neumann_hypergrad
 from modalimmune_jax.masking import random_presence, remove_modalities
-from modalimmune_jax.methods.base import Method, ModelFns, local_rows, reconstruction_loss
+from modalimmune_jax.methods.base import (Method, ModelFns, global_batch_size, local_rows,
+                                          reconstruction_loss)
 from modalimmune_jax.methods.plain import supervised_loss
 
 __all__ = ["Settings", "ModalImmuneState", "HyperStats", "constrain", "unconstrain",
@@ -147,8 +148,8 @@ def hyper_batches(dataset, size: int, seed: int, removals: str = "drop_one",
   train, valid = dataset.splits["train"], dataset.splits["valid"]
   tr = train.batch(rng.choice(train.num_samples, min(size, train.num_samples), replace=False))
   sub = valid.take(rng.choice(valid.num_samples, min(size, valid.num_samples), replace=False))
-  conditions = ([protocol.full()] + protocol.REMOVALS[removals](dataset.modality_names)
-                + [protocol.random_missing(r) for r in missing_rates])
+  conditions = protocol.standard_conditions(dataset.modality_names, missing_rates,
+                                           frame_rates=(), snrs_db=(), removals=removals)
   batches = []
   for cond in conditions:
     degraded, presence = cond.apply(sub, seed)
@@ -268,10 +269,8 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
       # per (sample, modality): removed with rate p_destroy * M * alpha_m (capped),
       # drawn for the global batch, at least one modality kept per sample
       rates = jnp.minimum(s.p_destroy * m * alpha, DROP_CELLS_MAX)
-      n_global = model.batch_size(batch) * (1 if axis_name is None
-                                            else jax.lax.axis_size(axis_name))
-      keep = local_rows(random_presence(jax.random.fold_in(k_pick, 1), n_global, rates),
-                        axis_name)
+      keep = local_rows(random_presence(jax.random.fold_in(k_pick, 1),
+                                        global_batch_size(batch, axis_name), rates), axis_name)
     if s.interventions and s.intervention != "drop_cells":
       # the same draw on every device: one decision per global batch
       destroy = jax.random.uniform(k_do) < s.p_destroy
