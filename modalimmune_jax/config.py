@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from typing import Any
 
 import ml_collections
 
-__all__ = ["base_config", "validate_config", "with_overrides", "ConfigError"]
+__all__ = ["base_config", "validate_config", "with_overrides", "ConfigError", "flatten",
+           "trained_differences", "RUN_INDEPENDENT"]
 
 # Keys whose contents are free-form (not checked against the schema).
 FREE_FORM = ("data.synthetic.shapes",)
@@ -111,6 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_nonfinite = 10     # stop after this many skipped steps in a row
   c.train.num_devices = 0        # 0 = all local devices
   c.train.stop_after = 0         # stop (as if killed) after this step; 0 = off
+  c.train.steps_per_dispatch = 1  # k steps per compiled call (lax.scan); intervals % k == 0
+  c.train.device_data = True     # training split on the device, batches gathered in the step
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True
@@ -136,14 +140,42 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"train.steps": 1000, ...}`` of a ConfigDict (or its JSON dict)."""
   out = {}
   for key, value in cfg.items():
     path = f"{prefix}{key}"
     if isinstance(value, (ml_collections.ConfigDict, dict)) and path not in FREE_FORM:
-      out.update(_flatten(value, path + "."))
+      out.update(flatten(value, path + "."))
     else:
       out[path] = value
+  return out
+
+
+_flatten = flatten
+
+# Keys that do not change what a run trains: they may differ between the runs
+# that share a work directory (evaluation, logging, checkpoint cadence, how the
+# same computation is laid out on devices).
+RUN_INDEPENDENT = ("eval.", "checkpoint.", "distributed.", "train.log_every",
+                   "train.eval_every", "train.stop_after", "train.num_devices",
+                   "train.steps_per_dispatch", "train.device_data", "train.on_nonfinite",
+                   "train.max_nonfinite")
+
+
+def trained_differences(old: dict, new: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+  """``(key, old value, new value)`` for every key that changes what is trained.
+
+  ``old`` is the JSON of the config a work directory was made with.
+  """
+  import json
+  a, b = flatten(old), flatten(json.loads(new.to_json_best_effort()))
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if key.startswith(RUN_INDEPENDENT):
+      continue
+    if a.get(key, "<absent>") != b.get(key, "<absent>"):
+      out.append((key, a.get(key, "<absent>"), b.get(key, "<absent>")))
   return out
 
 
@@ -164,7 +196,7 @@ _CHOICES = {
 }
 _POSITIVE = ("model.hidden", "model.num_heads", "model.mlp_ratio", "model.encoder_layers",
              "train.steps", "train.batch_size", "eval.batch_size", "train.max_nonfinite",
-             "checkpoint.every", "checkpoint.max_to_keep",
+             "checkpoint.every", "checkpoint.max_to_keep", "train.steps_per_dispatch",
              "method.modalimmune.collapse_weight", "method.modalimmune.eta",
              "method.modalimmune.ctrl_every", "method.modalimmune.ctrl_tau",
              "method.modalimmune.mask_every", "method.modalimmune.mask_samples",
@@ -181,6 +213,23 @@ _INTERVALS = {
     "method.modalimmune.ctrl_decay": (0.0, 1.0, False, True),
     "method.modalimmune.ctrl_explore": (0.0, 1.0, False, False),
     "method.modalimmune.mask_quantile": (0.0, 1.0, False, False),
+}
+
+
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+# list key -> (element check, what the elements must be)
+_LISTS = {
+    "method.dropout.rates": (lambda v: _number(v) and 0.0 <= v < 1.0, "rates in [0, 1)"),
+    "method.modalimmune.hyper_missing_rates": (lambda v: _number(v) and 0.0 <= v < 1.0,
+                                               "rates in [0, 1)"),
+    "eval.missing_rates": (lambda v: _number(v) and 0.0 <= v < 1.0, "rates in [0, 1)"),
+    "eval.frame_rates": (lambda v: _number(v) and 0.0 <= v <= 1.0, "rates in [0, 1]"),
+    "eval.snrs_db": (_number, "finite numbers (dB)"),
+    "data.synthetic.num_samples": (lambda v: isinstance(v, int) and v > 0, "positive integers"),
+    "data.synthetic.modalities": (lambda v: isinstance(v, str) and v, "modality names"),
 }
 
 
@@ -219,13 +268,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       low, high, low_open, high_open = bounds
       interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
       raise ConfigError(f"config key {key!r} must be in {interval}, got {given[key]!r}")
-  rates = given["method.dropout.rates"]
-  if not all(isinstance(r, (int, float)) and 0.0 <= r < 1.0 for r in rates):
-    raise ConfigError(f"config key 'method.dropout.rates' must be rates in [0, 1), got {rates!r}")
-  missing = given["method.modalimmune.hyper_missing_rates"]
-  if not all(isinstance(r, (int, float)) and 0.0 <= r < 1.0 for r in missing):
-    raise ConfigError("config key 'method.modalimmune.hyper_missing_rates' must be rates in "
-                      f"[0, 1), got {missing!r}")
+  for key, (check, what) in _LISTS.items():
+    value = given[key]
+    if not isinstance(value, (tuple, list)):
+      raise ConfigError(f"config key {key!r} must be a list of {what}, got {value!r}")
+    bad = [v for v in value if isinstance(v, bool) or not check(v)]
+    if bad:
+      raise ConfigError(f"config key {key!r} must be a list of {what}; {bad[0]!r} is not")
+  if len(given["data.synthetic.num_samples"]) != 3:
+    raise ConfigError("config key 'data.synthetic.num_samples' must be (train, valid, test) "
+                      f"sizes, got {given['data.synthetic.num_samples']!r}")
+  k = given["train.steps_per_dispatch"]
+  for key in ("train.log_every", "train.eval_every", "checkpoint.every", "train.stop_after"):
+    if given[key] % k:
+      raise ConfigError(f"config key {key!r} ({given[key]}) must be a multiple of "
+                        f"'train.steps_per_dispatch' ({k})")
   syn_mods = tuple(given["data.synthetic.modalities"])
   syn_shapes = given["data.synthetic.shapes"]
   if sorted(syn_mods) != sorted(syn_shapes) or len(set(syn_mods)) != len(syn_mods):

@@ -80,8 +80,9 @@ def update(state: ControllerState, ig: jax.Array, *, decay: float, tau: float,
 
   ``ema <- decay * ema + (1 - decay) * ig`` and ``alpha`` from the debiased
   ``ema / (1 - decay^count)``. With ``axis_name`` (inside ``shard_map``),
-  ``ig`` is first averaged over the devices. Non-finite ``ig`` leaves the state
-  unchanged.
+  ``ig`` is first averaged over the devices. Non-finite ``ig`` leaves the
+  statistics (``count``, ``ema``, ``alpha``) unchanged; ``ig`` holds what was
+  measured, so a caller can see and count the fault (the train step does).
   """
   if axis_name is not None:
     ig = jax.lax.pmean(ig, axis_name)
@@ -90,5 +91,6 @@ def update(state: ControllerState, ig: jax.Array, *, decay: float, tau: float,
   ema = decay * state.ema + (1.0 - decay) * ig
   debiased = ema / (1.0 - decay ** count.astype(ema.dtype))
   new = ControllerState(count, ema, ig, intensities(debiased, tau, explore))
-  finite = jnp.all(jnp.isfinite(ig))  # a non-finite statistic is skipped
-  return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+  finite = jnp.all(jnp.isfinite(ig))  # a non-finite statistic is skipped ...
+  kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+  return kept._replace(ig=ig)  # ... but shown, so the train step can count it

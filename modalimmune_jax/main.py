@@ -5,14 +5,16 @@
         --workdir=runs/smoke --config.train.steps=200
 
 Overrides use ml-collections syntax (``--config.KEY=VALUE``); an unknown key is
-an error. A run resumes from the newest good checkpoint in ``--workdir``. With
-``config.distributed.enabled`` the run joins JAX's distributed runtime first.
+an error. A run resumes from the newest good checkpoint in ``--workdir``; a
+work directory made with another config is refused (``--fresh`` moves it
+aside, ``--extend`` trains on to more steps). User errors are one line on
+stderr with exit code 2 (``--debug`` shows the traceback); SIGTERM / SIGINT
+save a checkpoint first. XLA's compilation cache is on (``--compile_cache``).
+With ``config.distributed.enabled`` the run joins JAX's distributed runtime
+first.
 """
 
 from __future__ import annotations
-
-import logging
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -21,6 +23,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:variant]).",
                                 lock_config=True)
+flags.DEFINE_bool("fresh", False, "If --workdir holds a run of another config, move it "
+                  "aside (WORKDIR.old-TIME) and start again.")
+flags.DEFINE_bool("extend", False, "Train the run in --workdir on to a larger train.steps.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,36 +46,38 @@ def initialize_distributed(config) -> None:
 
 def main(argv) -> int:
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" noise
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines
-  from modalimmune_jax.config import ConfigError, validate_config
+  from modalimmune_jax import cli
+  cli.quiet_logging()
+  from modalimmune_jax.config import validate_config
   config = FLAGS.config
-  try:
-    validate_config(config)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  validate_config(config)
+  if FLAGS.fresh and FLAGS.extend:
+    raise app.UsageError("--fresh and --extend exclude each other")
   initialize_distributed(config)
+  cli.enable_compile_cache()
   import jax
   from modalimmune_jax import train
-  summary = train.train_and_evaluate(config, FLAGS.workdir)
+  on_change = "fresh" if FLAGS.fresh else "extend" if FLAGS.extend else "refuse"
+  summary = train.train_and_evaluate(config, FLAGS.workdir, on_change=on_change)
   if jax.process_index() == 0:
+    if summary["start_step"]:
+      print(f"resumed from step {summary['start_step']} (checkpoint in {FLAGS.workdir})")
     if summary["stopped"]:
       print(f"stopped after step {config.train.stop_after}; rerun to resume")
     else:
       print()
       print(open(f"{FLAGS.workdir}/results.md").read())
       t = summary["train_seconds"]
-      print(f"trained {summary['steps'] - summary['start_step']} steps in {t:.1f} s; "
-            f"results in {FLAGS.workdir}/results.md and results.json")
+      print(f"trained {summary['steps'] - summary['start_step']} steps in {t:.1f} s "
+            f"(first step {summary['first_step_seconds'] or 0:.1f} s); results in "
+            f"{FLAGS.workdir}/results.md and results.json")
   return 0
 
 
 def run() -> None:
   """Console-script entry point (``modalimmune-train``)."""
-  app.run(main)
+  from modalimmune_jax import cli
+  cli.run(main)
 
 
 if __name__ == "__main__":

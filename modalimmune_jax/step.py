@@ -8,12 +8,24 @@ and out of every step; everything is a pure function of it:
   objective of the batch is passed to ``optimizer.update`` as the extra
   argument ``obj_fn`` (as ``optax.contrib.sophia`` expects) and, for methods
   with ``split_destructive``, the gradient of the destructive part as
-  ``destructive``. A non-finite loss or gradient leaves params and optimiser
-  state unchanged and is counted (``metrics["nonfinite"]``).
+  ``destructive``.
+* Numerical faults are handled inside the step, with no host
+  synchronisation: a non-finite loss, gradient or method statistic (each
+  field of the method state, or what ``Method.faults`` reports) leaves
+  params, optimiser state and method state unchanged, and is counted in
+  :class:`Health` (total, run in a row, the last bad step and which terms
+  went bad). After ``max_nonfinite`` bad steps in a row the step stops
+  changing anything (``Health.halted``); the loop reads the counters at its
+  logging intervals and stops with a message naming the step and the terms.
 * :func:`make_parallel_step`: ``jax.jit`` of ``jax.shard_map`` over a 1-D mesh
   axis ``"data"``; the global batch is split across devices, the state is
   replicated, losses and metrics are averaged with ``lax.pmean``. The same
   code runs on 1 or N devices and across processes (``jax.distributed``).
+* :func:`make_loop_step`: the same step for the training loop. The training
+  split lives on the device (:func:`device_data`); the step takes the
+  sample indices of ``k`` consecutive global batches, gathers each batch
+  inside the compiled program and runs the ``k`` steps with ``lax.scan``
+  (one dispatch), with the step's key ``fold_in(base_rng, state.step)``.
 """
 
 from __future__ import annotations
@@ -28,10 +40,35 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from modalimmune_jax.methods.base import Method
 
-__all__ = ["AXIS", "TrainState", "init_state", "make_train_step", "make_mesh",
-           "make_parallel_step", "device_batch", "shard_batch", "host_copy"]
+__all__ = ["AXIS", "TrainState", "Health", "init_state", "make_train_step", "make_mesh",
+           "make_parallel_step", "make_loop_step", "fault_names", "device_data",
+           "gather_batch", "device_batch", "shard_batch", "shard_indices", "host_copy"]
 
 AXIS = "data"
+
+
+class Health(NamedTuple):
+  """Non-finite bookkeeping, kept in the train state (int32 scalars).
+
+  Attributes:
+    skipped: steps whose update was not applied, in total.
+    run: bad steps in a row up to now.
+    last_bad: index of the last bad step (-1 if none).
+    terms: bit ``i`` set if term ``i`` of :func:`fault_names` was non-finite
+      at ``last_bad``.
+    halted: 1 once ``run`` reached ``max_nonfinite``; from then on no step
+      changes anything.
+  """
+  skipped: jax.Array
+  run: jax.Array
+  last_bad: jax.Array
+  terms: jax.Array
+  halted: jax.Array
+
+  @classmethod
+  def zeros(cls) -> "Health":
+    z = lambda v=0: jnp.array(v, jnp.int32)
+    return cls(z(), z(), z(-1), z(), z())
 
 
 class TrainState(NamedTuple):
@@ -40,14 +77,36 @@ class TrainState(NamedTuple):
   params: Any
   opt_state: Any
   method_state: Any
+  health: Health = None
+
+  @classmethod
+  def create(cls, params, opt_state, method_state) -> "TrainState":
+    return cls(jnp.zeros([], jnp.int32), params, opt_state, method_state, Health.zeros())
 
 
 def init_state(params, optimizer: optax.GradientTransformation, method: Method) -> TrainState:
   """The state at step 0. Every leaf is its own buffer (an ``init`` may reuse one
   array in several places, which a donating step cannot take)."""
-  state = TrainState(jnp.zeros([], jnp.int32), params, optimizer.init(params),
-                     method.init(params))
+  state = TrainState.create(params, optimizer.init(params), method.init(params))
   return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+
+
+def _method_faults(method: Method, old, new) -> dict[str, jax.Array]:
+  """``{term: True if non-finite}`` for the method's statistics after its update."""
+  if method.faults is not None:
+    return dict(method.faults(old, new))
+  if hasattr(new, "_fields"):
+    return {f"method_state.{f}": ~_all_finite(getattr(new, f)) for f in new._fields
+            if any(jnp.issubdtype(x.dtype, jnp.inexact)
+                   for x in jax.tree.leaves(getattr(new, f)))}
+  has_float = any(jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(new))
+  return {"method_state": ~_all_finite(new)} if has_float else {}
+
+
+def fault_names(method: Method, method_state) -> list[str]:
+  """The terms a step checks, in the bit order of :attr:`Health.terms`."""
+  faults = jax.eval_shape(lambda s: _method_faults(method, s, s), method_state)
+  return ["loss", "gradient", *faults]
 
 
 def _all_finite(tree) -> jax.Array:
@@ -57,7 +116,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_train_step(method: Method, optimizer: optax.GradientTransformation,
-                    axis_name: str | None = None) -> Callable:
+                    axis_name: str | None = None, max_nonfinite: int = 0) -> Callable:
   """``step(state, batch, rng) -> (state, metrics)``.
 
   With ``axis_name`` (inside ``shard_map``) the objective is the device mean
@@ -71,9 +130,13 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation,
   one ``jax.vjp`` and a ``vmap`` of its pullback over the two cotangents
   ``(1, 0)`` and ``(0, 1)`` give both gradients from one forward pass (the
   backward pass runs batched over two cotangents).
+
+  ``max_nonfinite`` (0 = never): after that many bad steps in a row the
+  state is frozen and ``state.health.halted`` set (see :class:`Health`).
   """
 
   def step(state: TrainState, batch, rng):
+    health = Health.zeros() if state.health is None else state.health
     params = state.params
 
     def objective(p):
@@ -111,17 +174,38 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation,
 
     # lax.cond rather than a per-leaf select: same result, half the XLA
     # compile time on CPU (one select kernel per leaf of params and state).
-    finite = _all_finite((loss, grads))
+    bad = [~jnp.all(jnp.isfinite(loss)), ~_all_finite(grads)]
+    finite = ~(bad[0] | bad[1])
     new_params, new_opt_state = jax.lax.cond(finite, apply, lambda _: (params, state.opt_state),
                                              None)
     method_state, method_metrics = method.update(state.method_state, new_params, batch, rng,
                                                  state.step, axis_name)
+    bad += list(_method_faults(method, state.method_state, method_state).values())
+    bad = jnp.stack(bad)
+    ok = ~jnp.any(bad) & (health.halted == 0)
+    new_params, new_opt_state, method_state = jax.lax.cond(
+        ok, lambda: (new_params, new_opt_state, method_state),
+        lambda: (params, state.opt_state, state.method_state))
+    health = _count(health, ok, bad, state.step, max_nonfinite)
     metrics = dict(metrics, **method_metrics, loss=loss,
-                   nonfinite=1.0 - finite.astype(jnp.float32),
+                   nonfinite=1.0 - ok.astype(jnp.float32),
                    grad_norm=optax.tree.norm(grads))
-    return TrainState(state.step + 1, new_params, new_opt_state, method_state), metrics
+    return TrainState(state.step + 1, new_params, new_opt_state, method_state, health), metrics
 
   return step
+
+
+def _count(health: Health, ok, bad, step, max_nonfinite: int) -> Health:
+  """The health after a step (``ok``: applied; ``bad``: per-term flags)."""
+  if_halted = health.halted > 0
+  counted = ~ok & ~if_halted
+  bits = jnp.sum(jnp.where(bad, 2 ** jnp.arange(bad.shape[0], dtype=jnp.int32), 0))
+  run = jnp.where(ok, 0, health.run + counted.astype(jnp.int32))
+  halted = if_halted | ((max_nonfinite > 0) & (run >= max(max_nonfinite, 1)))
+  return Health(skipped=health.skipped + counted.astype(jnp.int32), run=run,
+                last_bad=jnp.where(counted, step, health.last_bad),
+                terms=jnp.where(counted, bits.astype(jnp.int32), health.terms),
+                halted=halted.astype(jnp.int32))
 
 
 def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
@@ -135,16 +219,78 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
 
 
 def make_parallel_step(method: Method, optimizer: optax.GradientTransformation,
-                       mesh: jax.sharding.Mesh) -> Callable:
+                       mesh: jax.sharding.Mesh, max_nonfinite: int = 0) -> Callable:
   """The data-parallel step: ``jit(shard_map(step))`` over the mesh axis ``data``.
 
   The state and the key are replicated; every leaf of the batch is split
   along its first axis. The state is donated.
   """
-  step = make_train_step(method, optimizer, axis_name=AXIS)
+  step = make_train_step(method, optimizer, axis_name=AXIS, max_nonfinite=max_nonfinite)
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()),
                           out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=(0,))
+
+
+def make_loop_step(method: Method, optimizer: optax.GradientTransformation,
+                   mesh: jax.sharding.Mesh, max_nonfinite: int = 0) -> Callable:
+  """``loop_step(state, data, indices, base_rng) -> (state, metrics)``: the
+  training loop's dispatch, ``k = indices.shape[0]`` steps at once.
+
+  ``data`` is the replicated device-resident split (:func:`device_data`),
+  ``indices`` ``(k, B)`` int32 the sample indices of ``k`` consecutive
+  global batches (sharded along ``B``, :func:`shard_indices`). Each device
+  gathers its own rows, so the batches are exactly those of
+  :func:`gather_batch` on the host; step ``s`` uses the key
+  ``fold_in(base_rng, s)``. Metrics come back stacked, ``(k, ...)``. The
+  state is donated.
+
+  Example:
+    >>> loop_step = make_loop_step(method, optimizer, mesh)
+    >>> state, metrics = loop_step(state, data, shard_indices(idx, mesh), key)
+  """
+  step = make_train_step(method, optimizer, axis_name=AXIS, max_nonfinite=max_nonfinite)
+
+  def run(state, data, indices, base_rng):
+    def one(state, index):
+      return step(state, gather_batch(data, index), jax.random.fold_in(base_rng, state.step))
+    if indices.shape[0] == 1:
+      state, metrics = one(state, indices[0])
+      return state, jax.tree.map(lambda x: x[None], metrics)
+    return jax.lax.scan(one, state, indices)
+
+  sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P(), P(None, AXIS), P()),
+                          out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=(0,))
+
+
+def device_data(split, mesh: jax.sharding.Mesh) -> dict:
+  """A split's arrays (``inputs``, ``masks``, ``labels``), replicated on the mesh."""
+  arrays = {"inputs": dict(split.modalities), "masks": dict(split.masks),
+            "labels": split.labels}
+  return jax.device_put(arrays, NamedSharding(mesh, P()))
+
+
+def gather_batch(data: dict, index) -> dict:
+  """The batch of the samples at ``index`` (as ``MultimodalSplit.batch``,
+  without the host-side ``index``): works on numpy and on device arrays."""
+  xp = jnp if isinstance(index, jax.Array) else np
+  take = lambda x: x[index]
+  inputs = {m: take(x) for m, x in data["inputs"].items()}
+  return {"inputs": inputs, "masks": {m: take(k) for m, k in data["masks"].items()},
+          "presence": xp.ones((index.shape[0], len(inputs)), bool),
+          "labels": take(data["labels"])}
+
+
+def shard_indices(indices, mesh: jax.sharding.Mesh) -> jax.Array:
+  """``(k, B)`` global sample indices on the mesh, split along ``B``."""
+  sharding = NamedSharding(mesh, P(None, AXIS))
+  indices = np.asarray(indices, np.int32)
+  n_proc, pid = jax.process_count(), jax.process_index()
+  if n_proc == 1:
+    return jax.device_put(indices, sharding)
+  cols = indices.shape[1] // n_proc
+  return jax.make_array_from_process_local_data(
+      sharding, indices[:, pid * cols:(pid + 1) * cols], indices.shape)
 
 
 def device_batch(batch: dict) -> dict:

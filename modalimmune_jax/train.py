@@ -19,10 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import numpy as np
 import ml_collections
 import optax
 from flax import nnx
@@ -33,17 +37,19 @@ from modalimmune_jax import data as data_lib
 from modalimmune_jax import methods as methods_lib
 from modalimmune_jax import protocol
 from modalimmune_jax.checkpoint import Checkpointer
+from modalimmune_jax import config as config_lib
 from modalimmune_jax.config import validate_config
 from modalimmune_jax.methods.base import Method, ModelFns
 from modalimmune_jax.metrics import HEADLINE
 from modalimmune_jax.model import MultimodalModel
 from modalimmune_jax.plots import plot_protocol
 from modalimmune_jax.provenance import provenance
-from modalimmune_jax.step import (TrainState, device_batch, host_copy, init_state,
-                                  make_mesh, make_parallel_step, shard_batch)
+from modalimmune_jax.step import (TrainState, device_batch, device_data, fault_names,
+                                  gather_batch, host_copy, init_state, make_loop_step,
+                                  make_mesh, make_parallel_step, shard_batch, shard_indices)
 
 __all__ = [
-    "NonFiniteError", "load_data", "build_model", "make_optimizer", "make_predict_fn",
+    "NonFiniteError", "WorkdirError", "Interrupted", "load_data", "check_workdir", "build_model", "make_optimizer", "make_predict_fn",
     "Batches", "Setup", "setup", "train_and_evaluate", "eval_conditions", "evaluate_split",
 ]
 
@@ -51,7 +57,20 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteError(FloatingPointError):
-  """Training met a non-finite loss or gradient and was told to stop."""
+  """Training met non-finite values too many steps in a row (or was told to stop
+  at the first); the message names the step and the terms."""
+
+
+class WorkdirError(ValueError):
+  """The work directory holds a run that another config made."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """SIGTERM or SIGINT: a checkpoint was saved and the run stopped."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
 
 
 # ------------------------------------------------------------------ setup ----
@@ -115,17 +134,31 @@ class Batches:
   def position(self, step: int) -> tuple[int, int]:
     return divmod(step, self.per_epoch)
 
-  def __call__(self, step: int) -> dict:
+  def _indices(self, step: int) -> np.ndarray:
     epoch, b = self.position(step)
     if epoch != self._epoch:
       self._epoch = epoch
       self._order = self.split.batch_indices(self.batch_size, seed=self.seed, epoch=epoch,
                                              drop_remainder=True)
-    return device_batch(self.split.batch(self._order[b]))
+    return self._order[b]
+
+  def indices(self, step: int, k: int = 1) -> np.ndarray:
+    """``(k, batch_size)`` sample indices of steps ``step .. step + k - 1``."""
+    return np.stack([self._indices(s) for s in range(step, step + k)]).astype(np.int32)
+
+  def __call__(self, step: int) -> dict:
+    """The host batch of ``step`` (what the device-resident pipeline gathers)."""
+    return device_batch(self.split.batch(self._indices(step)))
 
 
 class Setup(NamedTuple):
-  """Everything a training loop needs, built from a config (see :func:`setup`)."""
+  """Everything a training loop needs, built from a config (see :func:`setup`).
+
+  ``step_fn(state, batch, rng)`` takes a host batch (``shard_batch``);
+  ``loop_fn(state, data, indices, base_rng)`` is the loop's form
+  (:func:`~modalimmune_jax.step.make_loop_step`): ``k`` steps per call on the
+  device-resident split. Both compile on first use.
+  """
   dataset: data_lib.MultimodalDataset
   model: ModelFns
   method: Method
@@ -134,6 +167,7 @@ class Setup(NamedTuple):
   mesh: jax.sharding.Mesh
   step_fn: Callable
   batches: "Batches"
+  loop_fn: Callable
 
   @property
   def graphdef(self):
@@ -168,9 +202,12 @@ def setup(config: ml_collections.ConfigDict,
   optimizer = (make_optimizer(config, method.transforms) if optimizer is None
                else optax.chain(*method.transforms, optimizer))
   state = jax.device_put(init_state(params, optimizer, method), NamedSharding(mesh, P()))
-  step_fn = make_parallel_step(method, optimizer, mesh)
-  batches = Batches(dataset.splits["train"], config.train.batch_size, config.seed)
-  return Setup(dataset, model, method, state, optimizer, mesh, step_fn, batches)
+  t = config.train
+  max_bad = 1 if t.on_nonfinite == "stop" else t.max_nonfinite
+  step_fn = make_parallel_step(method, optimizer, mesh, max_bad)
+  loop_fn = make_loop_step(method, optimizer, mesh, max_bad)
+  batches = Batches(dataset.splits["train"], t.batch_size, config.seed)
+  return Setup(dataset, model, method, state, optimizer, mesh, step_fn, batches, loop_fn)
 
 
 def make_predict_fn(graphdef: nnx.GraphDef) -> Callable:
@@ -201,45 +238,138 @@ def evaluate_split(predict, params, split, batch_size) -> dict:
   return result.get("full")
 
 
+def check_workdir(config: ml_collections.ConfigDict, workdir: str,
+                  on_change: str = "refuse") -> str | None:
+  """Compares ``config`` with the one ``workdir`` was made with (``config.json``).
+
+  ``on_change``: ``"refuse"`` raises :class:`WorkdirError` naming the keys
+  that change what is trained (model, data, method, optimiser, seed, steps;
+  see :data:`~modalimmune_jax.config.RUN_INDEPENDENT` for those that may
+  change); ``"fresh"`` moves the old directory aside (``WORKDIR.old-TIME``)
+  and starts again; ``"extend"`` accepts a larger ``train.steps`` (and
+  nothing else) and trains the run on. Returns what happened: None (new or
+  same), ``"moved"`` or ``"extended"``. Touches nothing unless ``fresh``.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"{path}: unreadable ({e}); use --fresh to move the run aside") from e
+  diff = [(k, a, b) for k, a, b in config_lib.trained_differences(old, config)]
+  if not diff:
+    return None
+  listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diff)
+  if on_change == "fresh":
+    target = f"{workdir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.move(workdir, target)
+    log.warning("%s was made with another config (%s); moved it to %s", workdir, listed, target)
+    return "moved"
+  if on_change == "extend":
+    if [k for k, _, _ in diff] == ["train.steps"] and diff[0][2] > diff[0][1]:
+      return "extended"
+    raise WorkdirError(f"{workdir}: --extend trains a run on to a larger train.steps and "
+                       f"changes nothing else; this config changes {listed}")
+  raise WorkdirError(f"{workdir} was made with another config: {listed}. Use --fresh to move "
+                     "it aside and start again, --extend to train on to more steps, or "
+                     "another --workdir")
+
+
+class _StopSignals:
+  """Turns SIGTERM / SIGINT into a flag the loop polls (main thread only);
+  a second signal gets the default behaviour."""
+
+  def __init__(self):
+    self.received = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.received = signum
+    self._restore()
+
+  def _restore(self):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+    self._old = {}
+
+  def __exit__(self, *exc):
+    self._restore()
+    return False
+
+
+def _describe_health(health, names: Sequence[str]) -> str:
+  terms = [n for i, n in enumerate(names) if int(health.terms) >> i & 1] or ["values"]
+  return f"non-finite {', '.join(terms)} at step {int(health.last_bad)}"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       method: Method | Callable[[ModelFns], Method] | None = None
-                       ) -> dict[str, Any]:
+                       method: Method | Callable[[ModelFns], Method] | None = None,
+                       on_change: str = "refuse") -> dict[str, Any]:
   """Trains, checkpoints, resumes and evaluates under the protocol.
 
-  Writes into ``workdir``: ``config.json``, ``metrics.jsonl`` (train and
-  validation logs, and the method's events such as ``hypergrad`` records),
-  ``checkpoints/``, and at the end ``results.md`` / ``results.json`` (the
-  missing-modality table with its provenance) and ``results.png`` (the
-  headline metric per condition). Returns the summary dict written to
-  ``results.json`` (``"stopped": True`` when ``train.stop_after`` ended the run
-  early), plus ``final_params`` and ``final_state`` (host copies).
+  Everything the user gave is checked first (config values, data files, the
+  work directory's own config, see :func:`check_workdir` for ``on_change``);
+  nothing is created before. Then writes into ``workdir``: ``config.json``,
+  ``metrics.jsonl`` (train and validation logs, and the method's events such
+  as ``hypergrad`` records), ``checkpoints/``, and at the end ``results.md`` /
+  ``results.json`` (the missing-modality table with its provenance) and
+  ``results.png`` (the headline metric per condition).
+
+  The loop never waits for the device between steps: batches are gathered on
+  the device (``train.device_data``), ``train.steps_per_dispatch`` steps run
+  per call, and the non-finite counters are read at logging and checkpoint
+  intervals only. SIGTERM / SIGINT save a checkpoint and raise
+  :class:`Interrupted`; rerunning resumes exactly.
+
+  Returns the summary dict written to ``results.json`` (``"stopped": True``
+  when ``train.stop_after`` ended the run early), plus ``final_params`` and
+  ``final_state`` (host copies).
   """
   validate_config(config)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  dataset = load_data(config)  # loaded here to warn before the model is built
+  dataset = load_data(config)  # every data file is read and checked here
   for split, counts in dataset.meta.get("nonfinite", {}).items():
     if sum(counts.values()) and is_main:
       log.warning("%s: replaced non-finite values: %s", split, counts)
+  if config.train.batch_size > dataset.splits["train"].num_samples:
+    raise config_lib.ConfigError(
+        f"config key 'train.batch_size' ({config.train.batch_size}) exceeds the "
+        f"{dataset.splits['train'].num_samples} training samples of {dataset.name}")
+  change = check_workdir(config, workdir, on_change)
+  os.makedirs(workdir, exist_ok=True)
   run = setup(config, method, dataset=dataset)
-  state, mesh, step_fn, batches = run.state, run.mesh, run.step_fn, run.batches
-  method, n_dev = run.method, mesh.devices.size
+  state, mesh, batches, method = run.state, run.mesh, run.batches, run.method
+  n_dev, k = mesh.devices.size, config.train.steps_per_dispatch
   predict = make_predict_fn(run.graphdef)
   base_rng = jax.random.key(config.seed)
+  names = fault_names(method, state.method_state)
 
   ckpt = (Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
           if config.checkpoint.enabled else None)
-  start, skipped_total, train_seconds = 0, 0, 0.0
+  start, seconds_before = 0, 0.0
   if ckpt is not None:
     restored = ckpt.restore_latest(state, base_rng)
     if restored is not None:
       start, state, base_rng, meta = restored
-      skipped_total = int(meta.get("nonfinite_skipped", 0))
-      train_seconds = float(meta.get("train_seconds", 0.0))
+      seconds_before = float(meta.get("train_seconds", 0.0))
       if is_main:
-        log.info("resumed from %s at step %d", ckpt.directory, start)
+        log.info("resumed %s from its checkpoint of step %d", workdir, start)
+  if start > config.train.steps:
+    raise WorkdirError(f"{workdir}: its checkpoint is at step {start}, past train.steps "
+                       f"{config.train.steps}")
+  if start % k:
+    raise config_lib.ConfigError(
+        f"config key 'train.steps_per_dispatch' ({k}) must divide the resumed step {start}")
 
-  if is_main:
+  if is_main and (change is not None or not os.path.isfile(os.path.join(workdir, "config.json"))):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   log_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
@@ -250,79 +380,116 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       log_file.flush()
 
   if start:  # records after this line supersede earlier ones with a larger step
-    write_log({"event": "resume", "step": start})
+    write_log({"event": "resume", "step": start, **({"extended_to": config.train.steps}
+                                                     if change == "extended" else {})})
+
+  t_session = time.perf_counter()
 
   def save(step):
     if ckpt is None:
       return
     epoch, b = batches.position(step)
-    ckpt.save(step, state, base_rng, {"step": step, "epoch": epoch, "batch": b,
-                                      "nonfinite_skipped": skipped_total,
-                                      "train_seconds": train_seconds})
+    ckpt.save(step, state, base_rng, {
+        "step": step, "epoch": epoch, "batch": b,
+        "train_seconds": seconds_before + time.perf_counter() - t_session})
+
+  reported = [int(host_copy(state.health).skipped)]
+
+  def check_health():
+    """Reads the counters (a host synchronisation: only at intervals)."""
+    h = host_copy(state.health)
+    if h.halted:
+      limit = ("train.on_nonfinite='stop'" if config.train.on_nonfinite == "stop"
+               else f"train.max_nonfinite={config.train.max_nonfinite}")
+      raise NonFiniteError(f"{_describe_health(h, names)}: {int(h.run)} bad step(s) in a row "
+                           f"({limit}); stopping. No update of a bad step was applied")
+    if int(h.skipped) > reported[0] and is_main:
+      log.warning("%d step(s) skipped so far (last: %s); their updates were not applied",
+                  int(h.skipped), _describe_health(h, names))
+    reported[0] = int(h.skipped)
+    return h
 
   steps = config.train.steps
   stop_after = config.train.stop_after
+  data = device_data(dataset.splits["train"], mesh) if config.train.device_data else None
+  host_data = None if data is not None else {
+      "inputs": dataset.splits["train"].modalities, "masks": dataset.splits["train"].masks,
+      "labels": dataset.splits["train"].labels}
+
+  def dispatch(state, step):
+    idx = batches.indices(step, k)
+    if data is not None:
+      return run.loop_fn(state, data, shard_indices(idx, mesh), base_rng)
+    outs = []
+    for i in range(k):  # host pipeline: batch i + 1 is put while step i runs
+      batch = shard_batch(gather_batch(host_data, idx[i]), mesh)
+      state, metrics = run.step_fn(state, batch, jax.random.fold_in(base_rng, step + i))
+      outs.append(metrics)
+    return state, jax.tree.map(lambda *xs: jax.numpy.stack(xs), *outs)
+
   bar = tqdm(total=steps, initial=start, disable=not is_main, desc="train", unit="step",
              dynamic_ncols=True)
-  consecutive, first_step_seconds, stopped = 0, None, False
-  t_loop = time.perf_counter()
+  first_step_seconds, stopped, done = None, False, start
   try:
-    for step in range(start, steps):
-      t0 = time.perf_counter()
-      batch = shard_batch(batches(step), mesh)
-      state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
-      nonfinite = bool(host_copy(metrics["nonfinite"]) > 0)
-      if first_step_seconds is None:
-        first_step_seconds = time.perf_counter() - t0
-      if nonfinite:
-        skipped_total += 1
-        consecutive += 1
-        message = (f"non-finite loss or gradient at step {step} (loss "
-                   f"{float(host_copy(metrics['loss']))}); the update was not applied")
-        if config.train.on_nonfinite == "stop":
-          raise NonFiniteError(message + "; stopping (train.on_nonfinite='stop')")
-        if consecutive >= config.train.max_nonfinite:
-          raise NonFiniteError(message + f"; {consecutive} such steps in a row "
-                               f"(train.max_nonfinite={config.train.max_nonfinite})")
-        log.warning(message + "; skipped")
-      else:
-        consecutive = 0
-      done = step + 1
-      bar.update(1)
-      if method.events is not None:
-        for record in method.events(done, lambda: host_copy(metrics)):
-          write_log(record)
-      if done % config.train.log_every == 0 or done == steps:
-        values = _jsonable(host_copy(metrics))
-        bar.set_postfix(loss=f"{values['loss']:.4f}")
-        write_log({"step": done, "split": "train", **values,
-                   "nonfinite_skipped": skipped_total})
-      if config.train.eval_every and done % config.train.eval_every == 0 and done < steps:
-        values = evaluate_split(predict, host_copy(state.params), dataset.splits["valid"],
-                                config.eval.batch_size)
-        write_log({"step": done, "split": "valid", **values})
-      if ckpt is not None and (done % config.checkpoint.every == 0 or done == steps
-                               or done == stop_after):
-        train_seconds += time.perf_counter() - t_loop
-        t_loop = time.perf_counter()
-        save(done)
-      if stop_after and done == stop_after and done < steps:
-        stopped = True
-        break
+    with _StopSignals() as signals:
+      for step in range(start, steps, k):
+        t0 = time.perf_counter()
+        state, metrics = dispatch(state, step)
+        if first_step_seconds is None:
+          jax.block_until_ready(state.step)
+          first_step_seconds = time.perf_counter() - t0
+        done = step + k
+        bar.update(k)
+        if method.events is not None:
+          fetched = []
+
+          def get(i):
+            if not fetched:
+              fetched.append(host_copy(metrics))
+            return jax.tree.map(lambda x: x[i], fetched[0])
+          for i in range(k):
+            for record in method.events(step + i + 1, lambda i=i: get(i)):
+              write_log(record)
+        received = signals.received  # read once: a signal may arrive at any moment
+        log_now = done % config.train.log_every == 0 or done == steps
+        save_now = ckpt is not None and (done % config.checkpoint.every == 0 or done == steps
+                                         or done == stop_after or received is not None)
+        if log_now or save_now:
+          h = check_health()
+          if log_now:
+            values = _jsonable(jax.tree.map(lambda x: x[-1], host_copy(metrics)))
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            write_log({"step": done, "split": "train", **values,
+                       "nonfinite_skipped": int(h.skipped)})
+        if config.train.eval_every and done % config.train.eval_every == 0 and done < steps:
+          values = evaluate_split(predict, host_copy(state.params), dataset.splits["valid"],
+                                  config.eval.batch_size)
+          write_log({"step": done, "split": "valid", **values})
+        if save_now:
+          save(done)
+        if received is not None:
+          name = signal.Signals(received).name
+          saved = "checkpoint saved" if ckpt is not None else "no checkpoint (disabled)"
+          raise Interrupted(f"{name} at step {done}: {saved}; rerun the same command to "
+                            "resume", received)
+        if stop_after and done == stop_after and done < steps:
+          stopped = True
+          break
+      health = check_health()
   finally:
     bar.close()
     if ckpt is not None:
       ckpt.close()
     if log_file is not None:
       log_file.close()
-  train_seconds += time.perf_counter() - t_loop
+  train_seconds = time.perf_counter() - t_session
 
   summary: dict[str, Any] = {
       "method": method.name, "dataset": dataset.name, "task": dataset.task,
       "steps": steps, "start_step": start, "stopped": stopped,
-      "nonfinite_skipped": skipped_total, "devices": n_dev,
+      "nonfinite_skipped": int(health.skipped), "devices": n_dev,
       "processes": jax.process_count(), "first_step_seconds": first_step_seconds,
-      "train_seconds": train_seconds,
+      "train_seconds": train_seconds, "train_seconds_total": seconds_before + train_seconds,
       "config": json.loads(config.to_json_best_effort()),
   }
   final_state = host_copy(state)
@@ -372,7 +539,8 @@ def render_results(record: dict, result: protocol.ProtocolResult) -> str:
       f"jax {prov['versions'].get('jax')}",
       f"- seeds: model/data {cfg['seed']}, protocol {cfg['eval']['seed']}",
       f"- training: {record['steps']} steps, batch {cfg['train']['batch_size']}, "
-      f"{record['train_seconds']:.1f} s, {record['nonfinite_skipped']} non-finite steps skipped",
+      f"{record['train_seconds_total']:.1f} s in all, {record['nonfinite_skipped']} non-finite "
+      "steps skipped",
       "",
       result.to_markdown(digits=4),
       "",

@@ -93,7 +93,7 @@ def test_nonfinite_stop_names_the_step(tmp_path):
   config = get_config()
   config.train.on_nonfinite = "stop"
   config.checkpoint.enabled = False
-  with pytest.raises(train.NonFiniteError, match=r"at step 0 .*stopping"):
+  with pytest.raises(train.NonFiniteError, match=r"non-finite loss at step 0: 1 bad step.*stopping"):
     train.train_and_evaluate(config, str(tmp_path), method=_nan_method(1.0))
 
 

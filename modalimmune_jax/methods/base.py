@@ -19,7 +19,11 @@ A :class:`Method` is a small NamedTuple of pure functions, in the style of an
   ``metrics.jsonl`` (``get_metrics()`` fetches the step's metrics);
 * ``objective(params, method_state, batch, rng, axis_name) -> scalar``: the
   objective whose curvature the optimiser's curvature transforms measure
-  (``obj_fn``); default ``loss - destructive``.
+  (``obj_fn``); default ``loss - destructive``;
+* ``faults(old_state, new_state) -> {term: bool}``: which of the method's
+  statistics went non-finite in this step's ``update`` (the step then
+  applies nothing and counts it); default: each field of a NamedTuple
+  state with floating leaves, checked for finiteness.
 
 The train step (:mod:`modalimmune_jax.step`) carries one
 :class:`~modalimmune_jax.step.TrainState` (step, params, optimiser state,
@@ -67,6 +71,7 @@ class Method(NamedTuple):
   split_destructive: bool = False
   events: Callable[[int, Callable[[], dict]], list] | None = None
   objective: Callable[..., jax.Array] | None = None
+  faults: Callable[[Any, Any], dict] | None = None
 
 
 def task_loss(task: str, outputs: jax.Array, labels: jax.Array,

@@ -364,13 +364,21 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
     return supervised_loss(model, params, batch, None, constrain(state.phi)["mu"],
                            axis_name)[0]
 
+  def faults(old, new):
+    """Non-finite statistics of this step's update (the step then applies nothing)."""
+    tree_bad = lambda t: ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                             for x in jax.tree.leaves(t)]))
+    return {"controller information gain": ~jnp.all(jnp.isfinite(new.controller.ig)),
+            "hyper-gradient": ~jnp.isfinite(new.hyper.grad_norm),
+            "meta-parameters": tree_bad((new.phi, new.hyper_opt_state))}
+
   transforms = ()
   if s.curvature_mask:
     transforms = (curvature_mask(s.mask_mode, s.mask_quantile, s.mask_beta, s.mask_every,
                                  s.mask_samples, seed=s.seed),)
   return Method("modalimmune", init=init, loss=loss, update=update, transforms=transforms,
                 split_destructive=s.curvature_mask and s.collapse, events=events,
-                objective=clean_objective)
+                objective=clean_objective, faults=faults)
 
 
 def from_config(config, model: ModelFns, dataset) -> Method:
