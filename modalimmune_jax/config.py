@@ -121,11 +121,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.split = "test"
   c.eval.batch_size = 256
   c.eval.seed = 0
-  c.eval.missing_rates = (0.3, 0.5, 0.7)
-  c.eval.frame_rates = ()
+  # Every condition names its missing-rate convention (../shared/BASELINES.md).
+  c.eval.missing_rates = (0.3, 0.5, 0.7)  # independent per cell, one kept (ours)
+  c.eval.cell_etas = ()         # cell-eta (CPM-Net/GCNet): exact fraction of cells, each <= (M-1)/M
+  c.eval.sample_rates = ()      # sample-eta (MAP/CMPT): fraction of samples missing something
+  c.eval.sample_patterns = "any"  # any (every proper subset kept) | single (one missing)
+  c.eval.frame_rates = ()       # frame-rate (MMSA/TFR-Net)
   c.eval.snrs_db = (10.0, 0.0)
-  # fixed removals: all | drop_one | keep_one | drop_one+keep_one | none
+  # fixed removals (MMIN's table): all | drop_one | keep_one | drop_one+keep_one | none
   c.eval.removals = "all"
+  c.eval.draws = 1              # fixed mask draws per random condition (mean ± std)
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.enabled = False
@@ -161,6 +166,7 @@ _CHOICES = {
     "train.on_nonfinite": ("skip", "stop"),
     "eval.split": ("train", "valid", "test"),
     "eval.removals": ("all", "drop_one", "keep_one", "drop_one+keep_one", "none"),
+    "eval.sample_patterns": ("any", "single"),
 }
 _POSITIVE = ("model.hidden", "model.num_heads", "model.mlp_ratio", "model.encoder_layers",
              "train.steps", "train.batch_size", "eval.batch_size", "train.max_nonfinite",
@@ -226,6 +232,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not all(isinstance(r, (int, float)) and 0.0 <= r < 1.0 for r in missing):
     raise ConfigError("config key 'method.modalimmune.hyper_missing_rates' must be rates in "
                       f"[0, 1), got {missing!r}")
+  for key, high, high_open in (("eval.cell_etas", 1.0, True), ("eval.sample_rates", 1.0, False)):
+    values = given[key]
+    if not all(isinstance(r, (int, float)) and not isinstance(r, bool)
+               and _in_interval(r, 0.0, high, False, high_open) for r in values):
+      interval = f"[0, {high:g}{')' if high_open else ']'}"
+      raise ConfigError(f"config key {key!r} must be rates in {interval}, got {values!r}")
+  draws = given["eval.draws"]
+  if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+    raise ConfigError(f"config key 'eval.draws' must be a positive integer, got {draws!r}")
   syn_mods = tuple(given["data.synthetic.modalities"])
   syn_shapes = given["data.synthetic.shapes"]
   if sorted(syn_mods) != sorted(syn_shapes) or len(set(syn_mods)) != len(syn_mods):

@@ -335,3 +335,27 @@ def test_cell_and_sample_eta_rules_hold_for_any_shape():
 
   check()
 
+
+def test_eval_config_keys_build_the_conventions_and_are_checked():
+  from modalimmune_jax import train
+  from modalimmune_jax.config import ConfigError, base_config, validate_config, with_overrides
+  names = ("text", "audio", "vision")
+  config = with_overrides(base_config(), {"eval.cell_etas": (0.3, 2 / 3),
+                                          "eval.sample_rates": (0.7,), "eval.draws": 3,
+                                          "eval.removals": "none", "eval.snrs_db": ()})
+  validate_config(config)
+  conds = train.eval_conditions(config, names)
+  assert [(c.name, c.draws) for c in conds] == [
+      ("full", 1), ("missing rate 0.3", 3), ("missing rate 0.5", 3), ("missing rate 0.7", 3),
+      ("cell eta 0.3", 3), ("cell eta 0.666667", 3), ("sample eta 0.7", 3)]
+  # the defaults add nothing: the conditions of before
+  default = train.eval_conditions(base_config(), names)
+  assert [c.name for c in default] == [c.name for c in protocol.standard_conditions(names)]
+  assert all(c.draws == 1 for c in default)
+  with pytest.raises(ConfigError, match=r"'eval.cell_etas'.*\(M-1\)/M = 0.5"):
+    train.eval_conditions(with_overrides(config, {"eval.cell_etas": (0.6,)}), ("a", "b"))
+  for key, value in (("eval.cell_etas", (1.0,)), ("eval.cell_etas", (-0.1,)),
+                     ("eval.sample_rates", (1.2,)), ("eval.draws", 0),
+                     ("eval.sample_patterns", "both")):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+      validate_config(with_overrides(base_config(), {key: value}))
