@@ -66,11 +66,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0      # global-norm clip; 0 = off
 
   c.method = ml_collections.ConfigDict()
-  c.method.name = "plain"               # plain | dropout | modalimmune
+  c.method.name = "plain"               # plain | dropout | modalimmune | consistency
   c.method.reconstruction_weight = 1.0  # mu, used when model.reconstruction
   c.method.dropout = ml_collections.ConfigDict()
   c.method.dropout.rate = 0.3           # per (sample, modality), at least one kept
   c.method.dropout.rates = ()           # one rate per modality (overrides rate)
+  # Consistency regularisation (Cai et al. 2025; sources as in ../shared/BASELINES.md
+  # and docs/method.md: "code" = the authors' repository, "ours" = our choice).
+  co = c.method.consistency = ml_collections.ConfigDict()
+  co.heuristics = ("zero", "noise", "swap")  # code (blank / noise / switch), feature analogue: ours
+  co.noise_std = 1.0        # ours: std of the replacing noise (features are standardised)
+  co.pgd_steps = 2          # code, training configs (1-2; llava-v1.5-7b uses 2); 0 = no PGD copy
+  co.pgd_step_size = 0.1    # code, training configs (a; signature default 0.005)
+  co.pgd_eps = 1e-3         # code, training configs (eps; signature default 0.03)
+  co.pgd_detach = True      # code: the attacked copy's embeddings are detached
+  co.weight = 0.01          # code, training configs (w; 0.001 for the larger model)
+  co.temperature = 1.0      # code, training configs (T)
+  co.divergence = "kl"      # kl (code) | js (textbook) | js_authors (code's "JS")
+  co.targets = ()           # ours: modalities that may be perturbed; () = every modality
   mi = c.method.modalimmune = ml_collections.ConfigDict()
   mi.collapse = True            # collapse regulariser lambda * sum alpha_m R(z_m)
   mi.collapse_weight = 0.1      # lambda (initial value under BHGD)
@@ -156,7 +169,8 @@ _CHOICES = {
     "data.name": ("synthetic", "mfeat", "mosi", "mosei", "iemocap"),
     "data.synthetic.task": ("classification", "regression"),
     "optim.schedule": ("cosine", "constant"),
-    "method.name": ("plain", "dropout", "modalimmune"),
+    "method.name": ("plain", "dropout", "modalimmune", "consistency"),
+    "method.consistency.divergence": ("kl", "js", "js_authors"),
     "method.modalimmune.intervention": ("collapse", "drop", "drop_cells"),
     "method.modalimmune.mask_mode": ("hard", "soft"),
     "method.modalimmune.hyper_solver": ("cg", "neumann"),
@@ -177,7 +191,8 @@ _POSITIVE = ("model.hidden", "model.num_heads", "model.mlp_ratio", "model.encode
              "method.modalimmune.hyper_every", "method.modalimmune.hyper_lr",
              "method.modalimmune.hyper_terms", "method.modalimmune.hyper_damping",
              "method.modalimmune.hyper_rel_tol", "method.modalimmune.hyper_batch_size",
-             "method.reconstruction_weight")
+             "method.reconstruction_weight", "method.consistency.pgd_step_size",
+             "method.consistency.temperature")
 # key -> (low, high, low_open, high_open)
 _INTERVALS = {
     "model.dropout": (0.0, 1.0, False, True),
@@ -187,6 +202,9 @@ _INTERVALS = {
     "method.modalimmune.ctrl_decay": (0.0, 1.0, False, True),
     "method.modalimmune.ctrl_explore": (0.0, 1.0, False, False),
     "method.modalimmune.mask_quantile": (0.0, 1.0, False, False),
+    "method.consistency.pgd_eps": (0.0, float("inf"), False, True),
+    "method.consistency.noise_std": (0.0, float("inf"), False, True),
+    "method.consistency.weight": (0.0, float("inf"), False, True),
 }
 
 
@@ -238,6 +256,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                and _in_interval(r, 0.0, high, False, high_open) for r in values):
       interval = f"[0, {high:g}{')' if high_open else ']'}"
       raise ConfigError(f"config key {key!r} must be rates in {interval}, got {values!r}")
+  heuristics = tuple(given["method.consistency.heuristics"])
+  if not all(h in ("zero", "noise", "swap") for h in heuristics):
+    raise ConfigError("config key 'method.consistency.heuristics' must be a subset of "
+                      f"('zero', 'noise', 'swap'), got {heuristics!r}")
+  steps = given["method.consistency.pgd_steps"]
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    raise ConfigError("config key 'method.consistency.pgd_steps' must be an integer >= 0, "
+                      f"got {steps!r}")
   draws = given["eval.draws"]
   if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
     raise ConfigError(f"config key 'eval.draws' must be a positive integer, got {draws!r}")
