@@ -68,11 +68,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0      # global-norm clip; 0 = off
 
   c.method = ml_collections.ConfigDict()
-  c.method.name = "plain"               # plain | dropout | modalimmune
+  c.method.name = "plain"               # plain | dropout | modalimmune | consistency
   c.method.reconstruction_weight = 1.0  # mu, used when model.reconstruction
   c.method.dropout = ml_collections.ConfigDict()
   c.method.dropout.rate = 0.3           # per (sample, modality), at least one kept
   c.method.dropout.rates = ()           # one rate per modality (overrides rate)
+  # Consistency regularisation (Cai et al. 2025; sources as in ../shared/BASELINES.md
+  # and docs/method.md: "code" = the authors' repository, "ours" = our choice).
+  co = c.method.consistency = ml_collections.ConfigDict()
+  co.heuristics = ("zero", "noise", "swap")  # code (blank / noise / switch), feature analogue: ours
+  co.noise_std = 1.0        # ours: std of the replacing noise (features are standardised)
+  co.pgd_steps = 2          # code, training configs (1-2; llava-v1.5-7b uses 2); 0 = no PGD copy
+  co.pgd_step_size = 0.1    # code, training configs (a; signature default 0.005)
+  co.pgd_eps = 1e-3         # code, training configs (eps; signature default 0.03)
+  co.pgd_detach = True      # code: the attacked copy's embeddings are detached
+  co.weight = 0.01          # code, training configs (w; 0.001 for the larger model)
+  co.temperature = 1.0      # code, training configs (T)
+  co.divergence = "kl"      # kl (code) | js (textbook) | js_authors (code's "JS")
+  co.targets = ()           # ours: modalities that may be perturbed; () = every modality
   mi = c.method.modalimmune = ml_collections.ConfigDict()
   mi.collapse = True            # collapse regulariser lambda * sum alpha_m R(z_m)
   mi.collapse_weight = 0.1      # lambda (initial value under BHGD)
@@ -125,11 +138,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.split = "test"
   c.eval.batch_size = 256
   c.eval.seed = 0
-  c.eval.missing_rates = (0.3, 0.5, 0.7)
-  c.eval.frame_rates = ()
+  # Every condition names its missing-rate convention (../shared/BASELINES.md).
+  c.eval.missing_rates = (0.3, 0.5, 0.7)  # independent per cell, one kept (ours)
+  c.eval.cell_etas = ()         # cell-eta (CPM-Net/GCNet): exact fraction of cells, each <= (M-1)/M
+  c.eval.sample_rates = ()      # sample-eta (MAP/CMPT): fraction of samples missing something
+  c.eval.sample_patterns = "any"  # any (every proper subset kept) | single (one missing)
+  c.eval.frame_rates = ()       # frame-rate (MMSA/TFR-Net)
   c.eval.snrs_db = (10.0, 0.0)
-  # fixed removals: all | drop_one | keep_one | drop_one+keep_one | none
+  # fixed removals (MMIN's table): all | drop_one | keep_one | drop_one+keep_one | none
   c.eval.removals = "all"
+  c.eval.draws = 1              # fixed mask draws per random condition (mean ± std)
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.enabled = False
@@ -183,7 +201,8 @@ _CHOICES = {
     "data.name": ("synthetic", "mfeat", "mosi", "mosei", "iemocap"),
     "data.synthetic.task": ("classification", "regression"),
     "optim.schedule": ("cosine", "constant"),
-    "method.name": ("plain", "dropout", "modalimmune"),
+    "method.name": ("plain", "dropout", "modalimmune", "consistency"),
+    "method.consistency.divergence": ("kl", "js", "js_authors"),
     "method.modalimmune.intervention": ("collapse", "drop", "drop_cells"),
     "method.modalimmune.mask_mode": ("hard", "soft"),
     "method.modalimmune.hyper_solver": ("cg", "neumann"),
@@ -193,6 +212,7 @@ _CHOICES = {
     "train.on_nonfinite": ("skip", "stop"),
     "eval.split": ("train", "valid", "test"),
     "eval.removals": ("all", "drop_one", "keep_one", "drop_one+keep_one", "none"),
+    "eval.sample_patterns": ("any", "single"),
 }
 _POSITIVE = ("model.hidden", "model.num_heads", "model.mlp_ratio", "model.encoder_layers",
              "train.steps", "train.batch_size", "eval.batch_size", "train.max_nonfinite",
@@ -203,7 +223,8 @@ _POSITIVE = ("model.hidden", "model.num_heads", "model.mlp_ratio", "model.encode
              "method.modalimmune.hyper_every", "method.modalimmune.hyper_lr",
              "method.modalimmune.hyper_terms", "method.modalimmune.hyper_damping",
              "method.modalimmune.hyper_rel_tol", "method.modalimmune.hyper_batch_size",
-             "method.reconstruction_weight")
+             "method.reconstruction_weight", "method.consistency.pgd_step_size",
+             "method.consistency.temperature")
 # key -> (low, high, low_open, high_open)
 _INTERVALS = {
     "model.dropout": (0.0, 1.0, False, True),
@@ -213,6 +234,9 @@ _INTERVALS = {
     "method.modalimmune.ctrl_decay": (0.0, 1.0, False, True),
     "method.modalimmune.ctrl_explore": (0.0, 1.0, False, False),
     "method.modalimmune.mask_quantile": (0.0, 1.0, False, False),
+    "method.consistency.pgd_eps": (0.0, float("inf"), False, True),
+    "method.consistency.noise_std": (0.0, float("inf"), False, True),
+    "method.consistency.weight": (0.0, float("inf"), False, True),
 }
 
 
@@ -230,6 +254,10 @@ _LISTS = {
     "eval.snrs_db": (_number, "finite numbers (dB)"),
     "data.synthetic.num_samples": (lambda v: isinstance(v, int) and v > 0, "positive integers"),
     "data.synthetic.modalities": (lambda v: isinstance(v, str) and v, "modality names"),
+    "eval.cell_etas": (lambda v: _number(v) and 0.0 <= v < 1.0, "rates in [0, 1)"),
+    "eval.sample_rates": (lambda v: _number(v) and 0.0 <= v <= 1.0, "rates in [0, 1]"),
+    "method.consistency.heuristics": (lambda v: v in ("zero", "noise", "swap"),
+                                      "heuristics out of ('zero', 'noise', 'swap')"),
 }
 
 
@@ -283,6 +311,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if given[key] % k:
       raise ConfigError(f"config key {key!r} ({given[key]}) must be a multiple of "
                         f"'train.steps_per_dispatch' ({k})")
+  steps = given["method.consistency.pgd_steps"]
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    raise ConfigError("config key 'method.consistency.pgd_steps' must be an integer >= 0, "
+                      f"got {steps!r}")
+  draws = given["eval.draws"]
+  if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+    raise ConfigError(f"config key 'eval.draws' must be a positive integer, got {draws!r}")
   syn_mods = tuple(given["data.synthetic.modalities"])
   syn_shapes = given["data.synthetic.shapes"]
   if sorted(syn_mods) != sorted(syn_shapes) or len(set(syn_mods)) != len(syn_mods):

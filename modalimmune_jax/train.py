@@ -227,8 +227,16 @@ def eval_conditions(config: ml_collections.ConfigDict,
                     modality_names: Sequence[str]) -> list[protocol.Condition]:
   """The protocol's conditions that ``config.eval`` asks for."""
   e = config.eval
+  top = (len(modality_names) - 1) / len(modality_names)
+  if any(eta > top + 1e-9 for eta in e.cell_etas):
+    from modalimmune_jax.config import ConfigError
+    raise ConfigError(f"config key 'eval.cell_etas' {tuple(e.cell_etas)} must be at most "
+                      f"(M-1)/M = {top:.4g} for the {len(modality_names)} modalities "
+                      f"{tuple(modality_names)} (at least one kept per sample)")
   return protocol.standard_conditions(modality_names, e.missing_rates, e.frame_rates,
-                                      e.snrs_db, removals=e.removals)
+                                      e.snrs_db, removals=e.removals, cell_etas=e.cell_etas,
+                                      sample_rates=e.sample_rates,
+                                      sample_patterns=e.sample_patterns, draws=e.draws)
 
 
 def evaluate_split(predict, params, split, batch_size) -> dict:

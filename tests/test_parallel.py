@@ -20,10 +20,12 @@ def _env(xla_flags=""):
   return env
 
 
-@pytest.mark.parametrize("mode", ["devices", "modalimmune"])
+@pytest.mark.parametrize("mode", ["devices", "modalimmune", "consistency"])
 def test_four_devices_match_one(tmp_path, mode):
-  """Plain and ModalImmune (controller, interventions, collapse penalty,
-  curvature mask and BHGD all active) give the same SGD update on 4 devices."""
+  """Plain, ModalImmune (controller, interventions, collapse penalty,
+  curvature mask and BHGD all active) and consistency regularisation (zero /
+  noise / swap copies drawn for the global batch, PGD) give the same SGD
+  update on 4 devices."""
   out = str(tmp_path / "dev.npz")
   proc = subprocess.run([sys.executable, WORKER, mode, out], capture_output=True,
                         text=True, timeout=300,
