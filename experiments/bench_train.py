@@ -1,14 +1,28 @@
-"""Training throughput: steps per second and the first (compiling) step.
+"""Training throughput: the loop against its step, seeds under vmap, compilation.
 
-    python experiments/bench_train.py [--steps 50] [--out results/bench_train.json]
+    python experiments/bench_train.py [--steps 200] [--out experiments/results/bench_train]
 
-Workloads (the default model of the configs, the data-parallel step on all
-local devices, Adam):
-  * mfeat: UCI Multiple Features, 6 vector views, batch 64;
-  * mosi-shaped synthetic: 3 sequence modalities of 50 steps, widths
-    300 / 74 / 35, variable lengths, regression, batch 32.
-Each row: the first step's wall time (tracing + compilation + one step), then
-the median steps/s over 3 timed runs of ``--steps`` steps each.
+Workloads: mfeat (UCI Multiple Features, 6 vector views, batch 64) and
+MOSI-shaped synthetic data (3 sequence modalities of 50 frames, widths
+300 / 74 / 35, variable lengths, regression, batch 32), each with ``plain``
+and ``modalimmune`` (the configs' defaults). Measured in one run, per row:
+
+* ``step``: the same jitted data-parallel step on a batch already on the
+  device, ``--steps`` calls, one ``block_until_ready`` at the end (the
+  device's pace);
+* ``loop``: ``train.train_and_evaluate`` itself (checkpoints off, logging
+  every 50 steps), steps/s from its own ``metrics.jsonl`` timestamps after
+  the first log record (compilation excluded);
+* ``old loop``: what the loop did before (host builds and transfers each
+  batch, reads the non-finite flag back every step), for the before/after
+  ratio on the same machine in the same run;
+* ``1 seed`` / ``4 vmapped seeds``: ``jit(step)`` and ``jit(vmap(step))``
+  over 4 independent states and batches; samples/s of each and the ratio;
+* first step, cold and warm: the command line in a fresh process with an
+  empty persistent compilation cache, then again with the cache it filled.
+
+Ratios are what to compare across machines; absolute figures depend on the
+machine and its load (the provenance is written beside them).
 """
 
 from __future__ import annotations
@@ -16,70 +30,183 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(HERE, "configs"))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from modalimmune_jax import train  # noqa: E402
-from modalimmune_jax.step import shard_batch  # noqa: E402
+from modalimmune_jax.config import with_overrides  # noqa: E402
 from modalimmune_jax.provenance import provenance  # noqa: E402
+from modalimmune_jax.step import host_copy, make_train_step, shard_batch  # noqa: E402
 
 
 def workloads():
   import mfeat
   import synthetic
-  yield "mfeat (6 views, batch 64)", mfeat.get_config()
-  cfg = synthetic.get_config("mosi_shaped")
-  cfg.data.synthetic.num_samples = (1024, 64, 64)
-  yield "MOSI-shaped synthetic (3 x 50 steps, 300/74/35, batch 32)", cfg
+  yield "mfeat", "experiments/configs/mfeat.py", {}, mfeat.get_config()
+  over = {"data.synthetic.num_samples": (1024, 64, 64)}
+  yield ("MOSI-shaped", "experiments/configs/synthetic.py:mosi_shaped", over,
+         with_overrides(synthetic.get_config("mosi_shaped"), over))
 
 
-def bench(config, steps):
-  run = train.setup(config)
-  state, step, batches, mesh = run.state, run.step_fn, run.batches, run.mesh
-  rng = jax.random.key(0)
-  t0 = time.perf_counter()
-  state, m = step(state, shard_batch(batches(0), mesh), rng)
+def quick(config, steps, method):
+  return with_overrides(config, {
+      "method.name": method, "train.steps": steps,
+      "train.log_every": 50 if steps >= 200 else max(steps // 4, 1),
+      "train.eval_every": 0, "checkpoint.enabled": False, "eval.removals": "none",
+      "eval.missing_rates": (), "eval.snrs_db": (), "eval.frame_rates": ()})
+
+
+def fresh(state):
+  return jax.tree.map(lambda x: x.copy(), state)  # the step donates its state
+
+
+def step_rate(run, steps):
+  state, rng = fresh(run.state), jax.random.key(0)
+  batch = shard_batch(run.batches(0), run.mesh)
+  state, m = run.step_fn(state, batch, rng)
   jax.block_until_ready(m)
-  first = time.perf_counter() - t0
-  rates, s = [], 1
-  for _ in range(3):
+  t0 = time.perf_counter()
+  for s in range(steps):
+    state, m = run.step_fn(state, batch, jax.random.fold_in(rng, s))
+  jax.block_until_ready((state, m))
+  return steps / (time.perf_counter() - t0)
+
+
+def old_loop_rate(run, steps):
+  """The loop as it was: host batch, transfer, step, non-finite flag read back."""
+  state, rng = fresh(run.state), jax.random.key(0)
+  state, m = run.step_fn(state, shard_batch(run.batches(0), run.mesh), rng)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for s in range(1, steps + 1):
+    state, m = run.step_fn(state, shard_batch(run.batches(s), run.mesh),
+                           jax.random.fold_in(rng, s))
+    bool(host_copy(m["nonfinite"]) > 0)
+  jax.block_until_ready(state)
+  return steps / (time.perf_counter() - t0)
+
+
+def loop_rate(config, steps):
+  workdir = tempfile.mkdtemp(prefix="bench-loop-")
+  train.train_and_evaluate(config, workdir)
+  logs = [json.loads(ln) for ln in open(os.path.join(workdir, "metrics.jsonl"))
+          if '"split": "train"' in ln]
+  (s0, t0), (s1, t1) = ((logs[0]["step"], logs[0]["seconds"]),
+                        (logs[-1]["step"], logs[-1]["seconds"]))
+  return (s1 - s0) / (t1 - t0)
+
+
+def vmap_rates(config, steps, seeds=4):
+  """samples/s of one seed and of ``seeds`` seeds in one vmapped program."""
+  runs = [train.setup(with_overrides(config, {"seed": s}), num_devices=1)
+          for s in range(seeds)]
+  step = make_train_step(runs[0].method, runs[0].optimizer)
+  one = jax.jit(step, donate_argnums=(0,))
+  many = jax.jit(jax.vmap(step), donate_argnums=(0,))
+  batches = [jax.device_put(runs[i].batches(0)) for i in range(seeds)]
+  keys = jax.random.split(jax.random.key(0), seeds)
+  stack = lambda *xs: jax.tree.map(lambda *a: jax.numpy.stack(a), *xs)
+  states, batch = stack(*[r.state for r in runs]), stack(*batches)
+  state = jax.tree.map(lambda x: x.copy(), runs[0].state)
+  rates = {}
+  for name, fn, st, b, k in (("1", one, state, batches[0], keys[0]),
+                             (str(seeds), many, states, batch, keys)):
+    st, m = fn(st, b, k)
+    jax.block_until_ready(m)
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, m = step(state, shard_batch(batches(s), mesh), jax.random.fold_in(rng, s))
-      s += 1
-    jax.block_until_ready(m)
-    rates.append(steps / (time.perf_counter() - t0))
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  return first, statistics.median(rates), n_params, mesh.devices.size
+      st, m = fn(st, b, k)
+    jax.block_until_ready((st, m))
+    n = 1 if name == "1" else seeds
+    rates[name] = n * steps * config.train.batch_size / (time.perf_counter() - t0)
+  return rates["1"], rates[str(seeds)]
+
+
+def first_step_cold_warm(config_arg, overrides, method):
+  cache = tempfile.mkdtemp(prefix="bench-xla-cache-")
+  out = []
+  for attempt in ("cold", "warm"):
+    workdir = tempfile.mkdtemp(prefix=f"bench-{attempt}-")
+    args = [sys.executable, "-m", "modalimmune_jax.main", f"--config={config_arg}",
+            f"--workdir={workdir}/run", f"--compile_cache={cache}",
+            f"--config.method.name={method}", "--config.train.steps=2",
+            "--config.checkpoint.enabled=False", "--config.eval.removals=none",
+            "--config.eval.missing_rates=()", "--config.eval.snrs_db=()",
+            "--config.train.log_every=1", "--config.train.eval_every=0"]
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    subprocess.run(args, check=True, cwd=ROOT, env=env, capture_output=True)
+    with open(os.path.join(workdir, "run", "results.json")) as f:
+      out.append(json.load(f)["first_step_seconds"])
+  return out
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=50)
-  parser.add_argument("--out", default="results/bench_train.json")
+  parser.add_argument("--steps", type=int, default=200)
+  parser.add_argument("--methods", default="plain,modalimmune")
+  parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_train"))
   args = parser.parse_args()
   rows = []
-  for name, config in workloads():
-    first, rate, n_params, n_dev = bench(config, args.steps)
-    rows.append({"workload": name, "first_step_s": first, "steps_per_s": rate,
-                 "params": int(n_params), "devices": n_dev,
-                 "batch_size": config.train.batch_size})
-  print(f"\nTraining throughput on {jax.devices()[0].platform} ({os.cpu_count()} cores)\n")
-  print("| workload | params | devices | first step (s) | steps/s | samples/s |")
-  print("|---|---:|---:|---:|---:|---:|")
+  for name, config_arg, overrides, base in workloads():
+    for method in args.methods.split(","):
+      config = quick(base, args.steps + 1, method)
+      print(f"[{name} / {method}] step ...", file=sys.stderr, flush=True)
+      run = train.setup(config)
+      step = step_rate(run, args.steps)
+      old = old_loop_rate(run, args.steps)
+      print(f"[{name} / {method}] loop ...", file=sys.stderr, flush=True)
+      loop = loop_rate(config, args.steps)
+      print(f"[{name} / {method}] vmap ...", file=sys.stderr, flush=True)
+      one, four = vmap_rates(config, max(args.steps // 4, 10))
+      print(f"[{name} / {method}] first step ...", file=sys.stderr, flush=True)
+      cold, warm = first_step_cold_warm(config_arg, {k: (v if not isinstance(v, tuple) else
+                                                         f"({','.join(map(str, v))},)")
+                                                     for k, v in overrides.items()}, method)
+      rows.append({"workload": name, "method": method, "batch_size": config.train.batch_size,
+                   "step_per_s": step, "loop_per_s": loop, "old_loop_per_s": old,
+                   "loop_over_step": loop / step, "old_loop_over_step": old / step,
+                   "samples_per_s_1": one, "samples_per_s_4_vmapped": four,
+                   "vmap_gain": four / one, "first_step_cold_s": cold,
+                   "first_step_warm_s": warm})
+      print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+  prov = provenance(seed=0)
+  lines = [
+      "# Training throughput", "",
+      f"- command: `{prov['command']}`",
+      f"- commit: {prov['commit']}{' (dirty)' if prov['dirty'] else ''}",
+      f"- machine: {prov['machine']['processor']}, {prov['machine']['cpu_count']} cores, "
+      f"{jax.devices()[0].platform} ({jax.device_count()} device(s)), jax "
+      f"{prov['versions'].get('jax')}",
+      f"- {args.steps} timed steps per rate, one run", "",
+      "| workload | method | step/s (device batch) | loop step/s | loop / step | "
+      "old loop / step | samples/s 1 seed | samples/s 4 vmapped | vmap gain | "
+      "first step cold (s) | warm (s) |",
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
-    print(f"| {r['workload']} | {r['params']:,} | {r['devices']} | {r['first_step_s']:.2f} | "
-          f"{r['steps_per_s']:.1f} | {r['steps_per_s'] * r['batch_size']:.0f} |")
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"rows": rows, "steps_per_run": args.steps,
-               "provenance": provenance(seed=0)}, f, indent=2)
-  print(f"written {args.out}")
+    lines.append(
+        f"| {r['workload']} | {r['method']} | {r['step_per_s']:.1f} | {r['loop_per_s']:.1f} | "
+        f"{r['loop_over_step']:.2f} | {r['old_loop_over_step']:.2f} | "
+        f"{r['samples_per_s_1']:.0f} | {r['samples_per_s_4_vmapped']:.0f} | "
+        f"{r['vmap_gain']:.2f} | {r['first_step_cold_s']:.1f} | {r['first_step_warm_s']:.1f} |")
+  md = "\n".join(lines) + "\n"
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "bench_train.md"), "w") as f:
+    f.write(md)
+  with open(os.path.join(args.out, "bench_train.json"), "w") as f:
+    json.dump({"rows": rows, "steps": args.steps, "provenance": prov}, f, indent=2,
+              default=float)
+  print(md)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,15 @@ from typing import Callable
 
 from absl import app, flags
 
-__all__ = ["run", "enable_compile_cache", "quiet_logging", "DEFAULT_CACHE"]
+__all__ = ["run", "enable_compile_cache", "quiet_logging", "DEFAULT_CACHE", "FlagError"]
 
 FLAGS = flags.FLAGS
+
+
+class FlagError(ValueError):
+  """A command-line flag with a value the command cannot use; names the flag."""
+
+
 flags.DEFINE_bool("debug", False, "Show the traceback of an error.")
 DEFAULT_CACHE = (os.environ.get("JAX_COMPILATION_CACHE_DIR")
                  or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
@@ -84,7 +90,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from modalimmune_jax.config import ConfigError
   from modalimmune_jax.data import DataError
   from modalimmune_jax.train import WorkdirError
-  return (ConfigError, DataError, WorkdirError)
+  return (ConfigError, DataError, WorkdirError, FlagError)
 
 
 def run(main: Callable[[list[str]], int]) -> None:

@@ -47,7 +47,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 # The tuning budget: the same number of trials for every method, each a set of
 # config overrides. plain: regularisation (fusion/encoder dropout, weight
 # decay); dropout: its rate; modalimmune: the intervention (kind and
-# probability; its loss weights are tuned by BHGD during training).
+# probability; its loss weights are tuned by BHGD during training);
+# consistency: its weight and PGD radius.
 SEARCH: dict[str, list[dict[str, Any]]] = {
     "plain": [{"model.dropout": 0.0, "optim.weight_decay": 1e-4},
               {"model.dropout": 0.1, "optim.weight_decay": 1e-3},
@@ -60,6 +61,11 @@ SEARCH: dict[str, list[dict[str, Any]]] = {
                      "method.modalimmune.p_destroy": 0.3},
                     {"method.modalimmune.intervention": "drop_cells",
                      "method.modalimmune.p_destroy": 0.5}],
+    # the authors' defaults (w 0.01, eps 1e-3 on LLM token embeddings) and two
+    # larger scales for our layer-normalised encoder outputs
+    "consistency": [{"method.consistency.weight": 0.01, "method.consistency.pgd_eps": 1e-3},
+                    {"method.consistency.weight": 0.1, "method.consistency.pgd_eps": 1e-2},
+                    {"method.consistency.weight": 1.0, "method.consistency.pgd_eps": 0.1}],
 }
 
 # Each row switches one part of ModalImmune off (a row is one config).
@@ -74,7 +80,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no property vectors": {"model.property_vectors": False},
 }
 
-MISSING_KINDS = ("removal", "random_missing", "frame_missing")
+MISSING_KINDS = ("removal", "random_missing", "cell_missing", "sample_missing",
+                 "frame_missing")
 
 
 def selection_score(protocol_dict: dict, metric: str) -> float:
@@ -94,8 +101,9 @@ def run_once(config, workdir: str) -> dict:
     if record.get("config") == json.loads(config.to_json_best_effort()):
       print(f"done already: {workdir}", file=sys.stderr)
       return record
-    raise SystemExit(f"error: {workdir} holds a run of another config; move it away or "
-                     "choose another --workdir")
+    from modalimmune_jax.train import WorkdirError
+    raise WorkdirError(f"{workdir} holds a finished run of another config; move it away or "
+                       "choose another --workdir")
   from modalimmune_jax import train
   train.train_and_evaluate(config, workdir)
   with open(path) as f:
@@ -226,40 +234,31 @@ def plot(agg: dict, metric: str, path: str, title: str) -> str:
 
 def main(argv) -> int:
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  from modalimmune_jax.config import ConfigError, validate_config, with_overrides
+  from modalimmune_jax import cli
+  cli.quiet_logging()
+  from modalimmune_jax.config import validate_config, with_overrides
   base = FLAGS.config
   try:
     seeds = [int(s) for s in FLAGS.seeds]
   except ValueError:
-    print(f"error: --seeds must be integers, got {FLAGS.seeds}", file=sys.stderr)
-    return 2
+    raise cli.FlagError(f"--seeds must be integers, got {FLAGS.seeds}")
   if FLAGS.ablation:
     rows = {label: with_overrides(base, dict(o, **{"method.name": "modalimmune"}))
             for label, o in ABLATIONS.items()}
   else:
     unknown = [m for m in FLAGS.methods if m not in SEARCH]
     if unknown:
-      print(f"error: --methods: unknown {unknown}; known {sorted(SEARCH)}", file=sys.stderr)
-      return 2
+      raise cli.FlagError(f"--methods: unknown {unknown}; known {sorted(SEARCH)}")
     rows = {m: with_overrides(base, {"method.name": m}) for m in FLAGS.methods}
-  try:
-    for label, cfg in rows.items():
-      validate_config(cfg)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  for label, cfg in rows.items():
+    validate_config(cfg)
 
-  import jax
   from modalimmune_jax import train
   from modalimmune_jax.metrics import HEADLINE
   from modalimmune_jax.provenance import provenance
+  dataset = train.load_data(base)  # data checked before anything is created
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, ".xla_cache"))
-  dataset = train.load_data(base)
+  cli.enable_compile_cache()
   metric = HEADLINE[dataset.task]
 
   chosen: dict[str, dict] = {}
@@ -324,7 +323,8 @@ def main(argv) -> int:
 
 
 def run() -> None:
-  app.run(main)
+  from modalimmune_jax import cli
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def main(argv) -> int:
   config = FLAGS.config
   validate_config(config)
   if FLAGS.fresh and FLAGS.extend:
-    raise app.UsageError("--fresh and --extend exclude each other")
+    raise cli.FlagError("--fresh and --extend exclude each other")
   initialize_distributed(config)
   cli.enable_compile_cache()
   import jax

@@ -468,7 +468,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             values = _jsonable(jax.tree.map(lambda x: x[-1], host_copy(metrics)))
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             write_log({"step": done, "split": "train", **values,
-                       "nonfinite_skipped": int(h.skipped)})
+                       "nonfinite_skipped": int(h.skipped),
+                       "seconds": round(time.perf_counter() - t_session, 3)})
         if config.train.eval_every and done % config.train.eval_every == 0 and done < steps:
           values = evaluate_split(predict, host_copy(state.params), dataset.splits["valid"],
                                   config.eval.batch_size)

@@ -281,3 +281,45 @@ def test_several_steps_per_dispatch_match_one(reference, tmp_path):
   assert scanned["start_step"] == 6
   np.testing.assert_allclose(flat(scanned["final_params"]), flat(full["final_params"]),
                              rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------ command-line errors ----
+
+def _bad_inputs(tmp):
+  notpickle = tmp / "not_a_pickle.pkl"
+  notpickle.write_bytes(b"hello")
+  import pickle
+  wrongkeys = tmp / "wrong_keys.pkl"
+  wrongkeys.write_bytes(pickle.dumps({"train": {"text": np.zeros((2, 3))}}))
+  syn = "--config=experiments/configs/synthetic.py:smoke"
+  mosi = "--config=experiments/configs/mosi.py:smoke"
+  return [
+      ("main", [syn, "--config.train.stepz=5"], "did you mean 'train.steps'"),
+      ("main", [syn, "--config.train.steps=abc"], "train.steps"),
+      ("main", [syn, "--config.eval.missing_rates=(1.5,)"], "eval.missing_rates"),
+      ("main", [syn, "--config.eval.snrs_db=('abc',)"], "eval.snrs_db"),
+      ("main", ["--config=experiments/configs/nope.py"], "nope.py"),
+      ("main", [mosi, "--config.data.path=/no/such/file.pkl"], "/no/such/file.pkl"),
+      ("main", [mosi, f"--config.data.path={notpickle}"], "not_a_pickle.pkl"),
+      ("main", [mosi, f"--config.data.path={wrongkeys}"], "wrong_keys.pkl"),
+      ("main", [syn, "--fresh", "--extend"], "--fresh"),
+      ("compare", [syn, "--methods=plain,foo"], "--methods"),
+      ("data", ["describe", "mosi", "--path=/no/such/file.pkl"], "/no/such/file.pkl"),
+  ]
+
+
+@pytest.mark.slow
+def test_user_errors_are_one_line_exit_2_and_create_nothing(tmp_path):
+  for i, (command, args, expect) in enumerate(_bad_inputs(tmp_path)):
+    workdir = tmp_path / f"run{i}"
+    module = {"main": "modalimmune_jax.main", "compare": "modalimmune_jax.compare",
+              "data": "modalimmune_jax.data"}[command]
+    extra = [] if command == "data" else [f"--workdir={workdir}"]
+    proc = subprocess.run([sys.executable, "-m", module, *args, *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (args, proc.stderr[-1500:])
+    assert "Traceback" not in proc.stderr and 1 <= len(lines) <= 3, (args, proc.stderr)
+    assert lines[-1].startswith("error: ") and expect in lines[-1], (args, lines)
+    assert not workdir.exists(), args
