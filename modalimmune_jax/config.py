@@ -147,6 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.snrs_db = (10.0, 0.0)
   # fixed removals (MMIN's table): all | drop_one | keep_one | drop_one+keep_one | none
   c.eval.removals = "all"
+  # the parameters evaluated: final | valid (the best on the valid split under these
+  # same conditions, scored every train.eval_every steps and at the end)
+  c.eval.select = "final"
   c.eval.draws = 1              # fixed mask draws per random condition (mean ± std)
 
   c.distributed = ml_collections.ConfigDict()
@@ -211,6 +214,7 @@ _CHOICES = {
     "train.regression_loss": ("l1", "mse"),
     "train.on_nonfinite": ("skip", "stop"),
     "eval.split": ("train", "valid", "test"),
+    "eval.select": ("final", "valid"),
     "eval.removals": ("all", "drop_one", "keep_one", "drop_one+keep_one", "none"),
     "eval.sample_patterns": ("any", "single"),
 }

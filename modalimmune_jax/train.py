@@ -246,6 +246,61 @@ def evaluate_split(predict, params, split, batch_size) -> dict:
   return result.get("full")
 
 
+class _ValidSelector:
+  """Model selection on the valid split (``eval.select='valid'``).
+
+  At every validation interval and at the end, the parameters are scored on
+  the **valid** split under the same protocol conditions as the final
+  evaluation (:func:`eval_conditions`, :func:`protocol.selection_score`: the
+  headline metric averaged over full and every missing-modality condition);
+  the best state is kept in ``WORKDIR/best/`` (one orbax checkpoint, resumable)
+  and is the one evaluated on ``eval.split`` at the end. The final state stays
+  in ``checkpoints/``. Ties keep the earlier step.
+  """
+
+  def __init__(self, config, dataset, predict, workdir, state, rng):
+    self.config, self.predict = config, predict
+    self.split = dataset.splits["valid"]
+    self.conditions = eval_conditions(config, dataset.modality_names)
+    self.metric = HEADLINE[dataset.task]
+    self.lower = self.metric == "MAE"
+    self.rng = rng
+    self.best_step, self.best_score, self.best_params = None, None, None
+    self.scores = {}  # step -> valid score, this session
+    self.ckpt = (Checkpointer(os.path.join(workdir, "best"), 1)
+                 if config.checkpoint.enabled else None)
+    if self.ckpt is not None:
+      restored = self.ckpt.restore_latest(state, rng)
+      if restored is not None:
+        self.best_step, best, _, meta = restored
+        self.best_score = float(meta["valid_score"])
+        self.best_params = host_copy(best.params)
+
+  def consider(self, step: int, state, params) -> float:
+    result = protocol.evaluate(lambda b: self.predict(params, device_batch(b)), self.split,
+                               self.conditions, batch_size=self.config.eval.batch_size,
+                               seed=self.config.eval.seed)
+    score = protocol.selection_score(result.to_dict(), self.metric)
+    self.scores[step] = score
+    better = self.best_score is None or (score < self.best_score if self.lower
+                                         else score > self.best_score)
+    if better:
+      self.best_step, self.best_score, self.best_params = step, score, params
+      if self.ckpt is not None and step not in self.ckpt.manager.all_steps():
+        self.ckpt.save(step, state, self.rng, {"step": step, "valid_score": score,
+                                               "metric": self.metric})
+    return score
+
+  def summary(self) -> dict:
+    return {"rule": "valid", "step": self.best_step, "valid_score": self.best_score,
+            "metric": self.metric, "score": "mean over full and missing conditions",
+            "scores_this_session": {str(k): v for k, v in self.scores.items()}}
+
+  def close(self):
+    if self.ckpt is not None:
+      self.ckpt.close()
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str,
                   on_change: str = "refuse") -> str | None:
   """Compares ``config`` with the one ``workdir`` was made with (``config.json``).
@@ -435,6 +490,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       outs.append(metrics)
     return state, jax.tree.map(lambda *xs: jax.numpy.stack(xs), *outs)
 
+  selector = (_ValidSelector(config, dataset, predict, workdir, state, base_rng)
+              if config.eval.select == "valid" else None)
   bar = tqdm(total=steps, initial=start, disable=not is_main, desc="train", unit="step",
              dynamic_ncols=True)
   first_step_seconds, stopped, done = None, False, start
@@ -471,8 +528,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        "nonfinite_skipped": int(h.skipped),
                        "seconds": round(time.perf_counter() - t_session, 3)})
         if config.train.eval_every and done % config.train.eval_every == 0 and done < steps:
-          values = evaluate_split(predict, host_copy(state.params), dataset.splits["valid"],
+          params = host_copy(state.params)
+          values = evaluate_split(predict, params, dataset.splits["valid"],
                                   config.eval.batch_size)
+          if selector is not None:
+            values["selection_score"] = selector.consider(done, state, params)
           write_log({"step": done, "split": "valid", **values})
         if save_now:
           save(done)
@@ -485,8 +545,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           stopped = True
           break
       health = check_health()
+      if selector is not None and not stopped:
+        selector.consider(done, state, host_copy(state.params))  # the final one competes too
   finally:
     bar.close()
+    if selector is not None:
+      selector.close()
     if ckpt is not None:
       ckpt.close()
     if log_file is not None:
@@ -510,6 +574,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   split = dataset.splits[config.eval.split]
   conditions = eval_conditions(config, dataset.modality_names)
+  if selector is not None:  # one checkpoint for every metric: the one chosen on valid
+    summary["selection"] = selector.summary()
+    final_params = selector.best_params
   result = protocol.evaluate(lambda b: predict(final_params, device_batch(b)), split,
                              conditions, batch_size=config.eval.batch_size,
                              seed=config.eval.seed,
