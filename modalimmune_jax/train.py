@@ -210,12 +210,16 @@ def setup(config: ml_collections.ConfigDict,
   return Setup(dataset, model, method, state, optimizer, mesh, step_fn, batches, loop_fn)
 
 
-def make_predict_fn(graphdef: nnx.GraphDef) -> Callable:
-  """``predict(params, batch) -> outputs`` (jitted, evaluation mode)."""
+def make_predict_fn(graphdef: nnx.GraphDef, predict_hook: Callable | None = None) -> Callable:
+  """``predict(params, batch, method_state=None) -> outputs`` (jitted, evaluation
+  mode). With a method's ``predict_hook`` (``Method.predict_hook``) the model
+  runs with the hook ``predict_hook(params, method_state)`` (EBR's test-time fill)."""
   @jax.jit
-  def predict(params, batch):
+  def predict(params, batch, method_state=None):
     model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], batch["masks"], batch["presence"])["outputs"]
+    hook = None if predict_hook is None else predict_hook(params, method_state)
+    return model(batch["inputs"], batch["masks"], batch["presence"],
+                 embedding_hook=hook)["outputs"]
   return predict
 
 
@@ -239,9 +243,9 @@ def eval_conditions(config: ml_collections.ConfigDict,
                                       sample_patterns=e.sample_patterns, draws=e.draws)
 
 
-def evaluate_split(predict, params, split, batch_size) -> dict:
+def evaluate_split(predict, params, split, batch_size, method_state=None) -> dict:
   """Metrics of ``split`` with every modality present."""
-  result = protocol.evaluate(lambda b: predict(params, device_batch(b)), split,
+  result = protocol.evaluate(lambda b: predict(params, device_batch(b), method_state), split,
                              [protocol.full()], batch_size=batch_size)
   return result.get("full")
 
@@ -356,7 +360,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run = setup(config, method, dataset=dataset)
   state, mesh, batches, method = run.state, run.mesh, run.batches, run.method
   n_dev, k = mesh.devices.size, config.train.steps_per_dispatch
-  predict = make_predict_fn(run.graphdef)
+  predict = make_predict_fn(run.graphdef, method.predict_hook)
+  # the method state evaluation needs (None unless the method has a predict_hook)
+  eval_state = lambda st: host_copy(st.method_state) if method.predict_hook else None
   base_rng = jax.random.key(config.seed)
   names = fault_names(method, state.method_state)
 
@@ -472,7 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        "seconds": round(time.perf_counter() - t_session, 3)})
         if config.train.eval_every and done % config.train.eval_every == 0 and done < steps:
           values = evaluate_split(predict, host_copy(state.params), dataset.splits["valid"],
-                                  config.eval.batch_size)
+                                  config.eval.batch_size, eval_state(state))
           write_log({"step": done, "split": "valid", **values})
         if save_now:
           save(done)
@@ -510,14 +516,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   split = dataset.splits[config.eval.split]
   conditions = eval_conditions(config, dataset.modality_names)
-  result = protocol.evaluate(lambda b: predict(final_params, device_batch(b)), split,
-                             conditions, batch_size=config.eval.batch_size,
+  final_method_state = eval_state(final_state)
+  result = protocol.evaluate(lambda b: predict(final_params, device_batch(b), final_method_state),
+                             split, conditions, batch_size=config.eval.batch_size,
                              seed=config.eval.seed,
                              progress=lambda it: tqdm(it, desc="protocol", unit="condition",
                                                       disable=not is_main, dynamic_ncols=True))
   headline = HEADLINE[dataset.task]
   summary["valid"] = evaluate_split(predict, final_params, dataset.splits["valid"],
-                                    config.eval.batch_size)
+                                    config.eval.batch_size, final_method_state)
   summary["protocol"] = result.to_dict()
   summary["headline_metric"] = headline
   record = {k: v for k, v in summary.items() if k not in ("final_params", "final_state")}
