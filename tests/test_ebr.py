@@ -15,7 +15,7 @@ from modalimmune_jax.methods import ebr as eb
 from modalimmune_jax.methods.base import ModelFns
 from modalimmune_jax.model import MultimodalModel
 from modalimmune_jax.step import host_copy, shard_batch
-from tests.helpers import get_config
+from tests.helpers import flat, get_config
 
 SHAPES = {"text": (1, 5), "audio": (1, 3), "vision": (1, 2)}
 SETTINGS = eb.Settings(shared_dim=6, hidden=10)
@@ -171,3 +171,21 @@ def test_config_names_a_bad_ebr_key():
                      ("method.ebr.similarity_decay", 1.0)):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
       validate_config(with_overrides(base, {key: value}))
+
+
+def test_ebr_train_and_evaluate_checkpoints_and_evaluates_with_the_fill(tmp_path):
+  config = with_overrides(get_config("synthetic", "smoke"),
+                          {"method.name": "ebr", "method.ebr.shared_dim": 8,
+                           "method.ebr.hidden": 16, "train.steps": 4, "checkpoint.every": 2,
+                           "train.log_every": 2, "eval.removals": "drop_one",
+                           "eval.missing_rates": (), "eval.snrs_db": ()})
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  rows = summary["protocol"]["rows"]
+  assert len(rows) >= 4  # full and the three drop-one conditions
+  assert all(v is not None for r in rows for k, v in r.items() if k not in ("condition",
+                                                                            "convention"))
+  # resumable: a second call finds the finished checkpoint with the nets in it
+  again = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert again["start_step"] == 4
+  np.testing.assert_array_equal(flat(again["final_state"].method_state.nets),
+                                flat(summary["final_state"].method_state.nets))
