@@ -210,12 +210,16 @@ def setup(config: ml_collections.ConfigDict,
   return Setup(dataset, model, method, state, optimizer, mesh, step_fn, batches, loop_fn)
 
 
-def make_predict_fn(graphdef: nnx.GraphDef) -> Callable:
-  """``predict(params, batch) -> outputs`` (jitted, evaluation mode)."""
+def make_predict_fn(graphdef: nnx.GraphDef, predict_hook: Callable | None = None) -> Callable:
+  """``predict(params, batch, method_state=None) -> outputs`` (jitted, evaluation
+  mode). With a method's ``predict_hook`` (``Method.predict_hook``) the model
+  runs with the hook ``predict_hook(params, method_state)`` (EBR's test-time fill)."""
   @jax.jit
-  def predict(params, batch):
+  def predict(params, batch, method_state=None):
     model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], batch["masks"], batch["presence"])["outputs"]
+    hook = None if predict_hook is None else predict_hook(params, method_state)
+    return model(batch["inputs"], batch["masks"], batch["presence"],
+                 embedding_hook=hook)["outputs"]
   return predict
 
 
@@ -239,9 +243,9 @@ def eval_conditions(config: ml_collections.ConfigDict,
                                       sample_patterns=e.sample_patterns, draws=e.draws)
 
 
-def evaluate_split(predict, params, split, batch_size) -> dict:
+def evaluate_split(predict, params, split, batch_size, method_state=None) -> dict:
   """Metrics of ``split`` with every modality present."""
-  result = protocol.evaluate(lambda b: predict(params, device_batch(b)), split,
+  result = protocol.evaluate(lambda b: predict(params, device_batch(b), method_state), split,
                              [protocol.full()], batch_size=batch_size)
   return result.get("full")
 
@@ -258,7 +262,7 @@ class _ValidSelector:
   in ``checkpoints/``. Ties keep the earlier step.
   """
 
-  def __init__(self, config, dataset, predict, workdir, state, rng):
+  def __init__(self, config, dataset, predict, workdir, state, rng, eval_state):
     self.config, self.predict = config, predict
     self.split = dataset.splits["valid"]
     self.conditions = eval_conditions(config, dataset.modality_names)
@@ -266,6 +270,7 @@ class _ValidSelector:
     self.lower = self.metric == "MAE"
     self.rng = rng
     self.best_step, self.best_score, self.best_params = None, None, None
+    self.best_method_state = None
     self.scores = {}  # step -> valid score, this session
     self.ckpt = (Checkpointer(os.path.join(workdir, "best"), 1)
                  if config.checkpoint.enabled else None)
@@ -274,10 +279,11 @@ class _ValidSelector:
       if restored is not None:
         self.best_step, best, _, meta = restored
         self.best_score = float(meta["valid_score"])
-        self.best_params = host_copy(best.params)
+        self.best_params, self.best_method_state = host_copy(best.params), eval_state(best)
 
-  def consider(self, step: int, state, params) -> float:
-    result = protocol.evaluate(lambda b: self.predict(params, device_batch(b)), self.split,
+  def consider(self, step: int, state, params, method_state=None) -> float:
+    result = protocol.evaluate(lambda b: self.predict(params, device_batch(b), method_state),
+                               self.split,
                                self.conditions, batch_size=self.config.eval.batch_size,
                                seed=self.config.eval.seed)
     score = protocol.selection_score(result.to_dict(), self.metric)
@@ -286,6 +292,7 @@ class _ValidSelector:
                                          else score > self.best_score)
     if better:
       self.best_step, self.best_score, self.best_params = step, score, params
+      self.best_method_state = method_state
       if self.ckpt is not None and step not in self.ckpt.manager.all_steps():
         self.ckpt.save(step, state, self.rng, {"step": step, "valid_score": score,
                                                "metric": self.metric})
@@ -411,7 +418,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run = setup(config, method, dataset=dataset)
   state, mesh, batches, method = run.state, run.mesh, run.batches, run.method
   n_dev, k = mesh.devices.size, config.train.steps_per_dispatch
-  predict = make_predict_fn(run.graphdef)
+  predict = make_predict_fn(run.graphdef, method.predict_hook)
+  # the method state evaluation needs (None unless the method has a predict_hook)
+  eval_state = lambda st: host_copy(st.method_state) if method.predict_hook else None
   base_rng = jax.random.key(config.seed)
   names = fault_names(method, state.method_state)
 
@@ -490,7 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       outs.append(metrics)
     return state, jax.tree.map(lambda *xs: jax.numpy.stack(xs), *outs)
 
-  selector = (_ValidSelector(config, dataset, predict, workdir, state, base_rng)
+  selector = (_ValidSelector(config, dataset, predict, workdir, state, base_rng, eval_state)
               if config.eval.select == "valid" else None)
   bar = tqdm(total=steps, initial=start, disable=not is_main, desc="train", unit="step",
              dynamic_ncols=True)
@@ -528,11 +537,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        "nonfinite_skipped": int(h.skipped),
                        "seconds": round(time.perf_counter() - t_session, 3)})
         if config.train.eval_every and done % config.train.eval_every == 0 and done < steps:
-          params = host_copy(state.params)
+          params, method_state = host_copy(state.params), eval_state(state)
           values = evaluate_split(predict, params, dataset.splits["valid"],
-                                  config.eval.batch_size)
+                                  config.eval.batch_size, method_state)
           if selector is not None:
-            values["selection_score"] = selector.consider(done, state, params)
+            values["selection_score"] = selector.consider(done, state, params, method_state)
           write_log({"step": done, "split": "valid", **values})
         if save_now:
           save(done)
@@ -546,7 +555,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           break
       health = check_health()
       if selector is not None and not stopped:
-        selector.consider(done, state, host_copy(state.params))  # the final one competes too
+        selector.consider(done, state, host_copy(state.params), eval_state(state))  # final too
   finally:
     bar.close()
     if selector is not None:
@@ -574,17 +583,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   split = dataset.splits[config.eval.split]
   conditions = eval_conditions(config, dataset.modality_names)
+  final_method_state = eval_state(final_state)
   if selector is not None:  # one checkpoint for every metric: the one chosen on valid
     summary["selection"] = selector.summary()
-    final_params = selector.best_params
-  result = protocol.evaluate(lambda b: predict(final_params, device_batch(b)), split,
-                             conditions, batch_size=config.eval.batch_size,
+    final_params, final_method_state = selector.best_params, selector.best_method_state
+  result = protocol.evaluate(lambda b: predict(final_params, device_batch(b), final_method_state),
+                             split, conditions, batch_size=config.eval.batch_size,
                              seed=config.eval.seed,
                              progress=lambda it: tqdm(it, desc="protocol", unit="condition",
                                                       disable=not is_main, dynamic_ncols=True))
   headline = HEADLINE[dataset.task]
   summary["valid"] = evaluate_split(predict, final_params, dataset.splits["valid"],
-                                    config.eval.batch_size)
+                                    config.eval.batch_size, final_method_state)
   summary["protocol"] = result.to_dict()
   summary["headline_metric"] = headline
   record = {k: v for k, v in summary.items() if k not in ("final_params", "final_state")}
