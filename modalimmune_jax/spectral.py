@@ -13,6 +13,18 @@ Only eigenvalues are differentiated (``d lambda_i = v_i^T dA v_i``),
 which is finite for repeated and zero eigenvalues; entropies use a guarded
 ``p log p``; an all-zero batch has zero energy and is treated as fully
 collapsed. Nothing here returns NaN on a rank-1 or all-zero batch.
+
+Numerically zero energy: centring a constant batch in floating point leaves a
+residue (the rounding error of the mean, up to ``B u |mean|`` per entry for
+``B`` rows and unit roundoff ``u``), so its centred energy is tiny but not 0.
+A centred batch whose total energy is at most ``((B + 1) eps)^2 ||z||^2``
+(``||z||^2`` the energy *before* centring, ``eps`` the machine epsilon of
+``z``'s dtype, float32's for the sum of 16-bit inputs, ``B`` the global number
+of rows) is indistinguishable from a constant batch: its energies are reported as exactly 0, so it counts as rank 0
+(zero shares, effective rank 1, severity 1, penalty 0, zero gradients), the
+same as an all-zero batch. The rule is relative (scale-free); only batches
+whose rows agree to within about ``2 B`` ulps are affected. Shares
+divide by the total energy itself: they sum to 1 whenever it is positive.
 """
 
 from __future__ import annotations
@@ -33,15 +45,20 @@ __all__ = [
     "collapsed_view",
 ]
 
-_TINY = 1e-12
+_TINY = 1e-12  # sqrt guard of singular_spectrum only
 
 
-def _prepare(z: jax.Array, center: bool, axis_name: str | None = None) -> jax.Array:
+def _as_batch(z: jax.Array) -> jax.Array:
   z = jnp.asarray(z)
   if z.ndim != 2:
     raise ValueError(f"expected embeddings of shape (B, k), got shape {z.shape}")
   if not jnp.issubdtype(z.dtype, jnp.floating):
     z = z.astype(jnp.float32)
+  return z
+
+
+def _prepare(z: jax.Array, center: bool, axis_name: str | None = None) -> jax.Array:
+  z = _as_batch(z)
   if center:
     mean = jnp.mean(z, axis=0, keepdims=True)
     if axis_name is not None:  # equal shards: the mean of means is the global mean
@@ -58,6 +75,44 @@ def _gram(z: jax.Array, axis_name: str | None) -> jax.Array:
   else:
     gram = z.T @ z if k <= b else z @ z.T
   return 0.5 * (gram + gram.T)
+
+
+def _numerically_zero(total: jax.Array, z: jax.Array, center: bool,
+                      axis_name: str | None) -> jax.Array:
+  """Whether the centred energy ``total`` of ``z`` is only centring residue.
+
+  ``jnp.mean`` sums in at least float32 (it upcasts 16-bit floats), so the
+  computed mean of a column is off by at most ``(B u_acc + u) |m|`` (``B``
+  rows, ``u = eps / 2``); the subtraction is then exact for a constant column
+  (Sterbenz). A constant batch therefore has centred energy at most
+  ``(B u_acc + u)^2 ||z||^2``; the threshold ``(B eps_acc + eps)^2 ||z||^2``
+  is 4 times that. Uncentred spectra are zero only when exactly 0.
+  """
+  if not center:
+    return total <= 0
+  z = jax.lax.stop_gradient(_as_batch(z))
+  raw = jnp.sum(jnp.square(z))
+  rows = z.shape[0]
+  if axis_name is not None:
+    raw = jax.lax.psum(raw, axis_name)
+    rows = rows * jax.lax.psum(1, axis_name)
+  eps = float(jnp.finfo(z.dtype).eps)
+  eps_acc = float(jnp.finfo(jnp.promote_types(z.dtype, jnp.float32)).eps)
+  return total <= jnp.square(rows * eps_acc + eps) * raw
+
+
+def _shares(lam: jax.Array) -> jax.Array:
+  """``lam / sum(lam)``, all zero when the sum is exactly 0.
+
+  Divides by the total itself (so the shares sum to 1 whenever it is
+  positive), written as ``(lam / s) / (total / s)`` with ``s = sg(total)``:
+  the same value (``total / s`` is exactly 1) but a derivative with no
+  ``1 / total^2`` factor, which would overflow float32 for totals below ~1e-19.
+  """
+  total = jnp.sum(lam)
+  positive = total > 0
+  scale = jax.lax.stop_gradient(jnp.where(positive, total, 1.0))
+  return (lam / scale) / jnp.where(positive, total / scale, 1.0)
 
 
 @jax.custom_jvp
@@ -99,7 +154,9 @@ def energy_spectrum(z: jax.Array, center: bool = True,
   """Squared singular values of ``z`` (centred by default), in descending order.
 
   Returns ``min(B, k)`` non-negative values; differentiable, with finite
-  gradients also for repeated and zero values. Inside ``shard_map`` /
+  gradients also for repeated and zero values. A centred batch whose energy
+  is only the rounding residue of centring (a constant batch; see the module
+  docstring) gets exact zeros, with zero gradient. Inside ``shard_map`` /
   ``pmap`` with ``axis_name`` (rows of the global batch split over devices,
   equal shards), it is the spectrum of the *global* batch (``k`` values, from
   the ``psum`` of the local ``k x k`` Gram matrices), the same on every device.
@@ -108,7 +165,9 @@ def energy_spectrum(z: jax.Array, center: bool = True,
     >>> z = jax.random.normal(jax.random.key(0), (32, 8))
     >>> lam = energy_spectrum(z)  # shape (8,)
   """
-  return jnp.maximum(_psd_eigvalsh(_gram(_prepare(z, center, axis_name), axis_name)), 0.0)
+  lam = jnp.maximum(_psd_eigvalsh(_gram(_prepare(z, center, axis_name), axis_name)), 0.0)
+  zero = _numerically_zero(jnp.sum(lam), z, center, axis_name)
+  return jnp.where(zero, jnp.zeros_like(lam), lam)
 
 
 def singular_spectrum(z: jax.Array, center: bool = True) -> jax.Array:
@@ -129,10 +188,14 @@ def singular_spectrum(z: jax.Array, center: bool = True) -> jax.Array:
 
 def energy_shares(z: jax.Array, center: bool = True,
                   axis_name: str | None = None) -> jax.Array:
-  """Energy shares ``p_i = s_i^2 / sum_j s_j^2`` (all zero for a zero batch)."""
-  lam = energy_spectrum(z, center, axis_name)
-  total = jnp.sum(lam)
-  return lam / jnp.maximum(total, _TINY)
+  """Energy shares ``p_i = s_i^2 / sum_j s_j^2``.
+
+  They sum to 1 whenever the energy is positive, however small: the shares
+  are scale-free. All zero for a batch of zero energy: an all-zero batch, or
+  (centred) a constant one whose centred energy is only rounding residue (see
+  the module docstring).
+  """
+  return _shares(energy_spectrum(z, center, axis_name))
 
 
 def _entropy(p: jax.Array) -> jax.Array:
@@ -144,7 +207,8 @@ def _entropy(p: jax.Array) -> jax.Array:
 def effective_rank(z: jax.Array, center: bool = True) -> jax.Array:
   """Effective rank ``exp(-sum_i p_i log p_i)`` (Roy & Vetterli, 2007).
 
-  Lies in ``[1, max_rank]``; an all-zero batch has effective rank 1.
+  Lies in ``[1, max_rank]``; a batch of zero energy (all-zero, or constant
+  when centred) has effective rank 1.
 
   Example:
     >>> z = jax.random.normal(jax.random.key(0), (256, 4))
@@ -158,7 +222,7 @@ def collapse_severity(z: jax.Array, center: bool = True) -> jax.Array:
   """Collapse severity ``1 - (erank - 1) / (r - 1)`` in ``[0, 1]``.
 
   ``r = max_rank(z.shape)``: 0 for an isotropic batch, 1 for a rank-1 (or
-  zero) batch. Needs ``r >= 2`` (at least 3 samples and 2 features when
+  zero, or constant) batch. Needs ``r >= 2`` (at least 3 samples and 2 features when
   centred), checked from the static shape.
 
   Example:
@@ -238,7 +302,9 @@ def collapsed_view(z: jax.Array, kappa: float | jax.Array = 0.9,
   (centred) rows onto them and adds the batch mean back. The projector is
   held constant in the gradient, so gradients flow to ``z`` linearly and never
   through eigenvectors. Used by the destructive intervention of ModalImmune.
-  With ``axis_name`` the directions and mean are the global batch's.
+  With ``axis_name`` the directions and mean are the global batch's. A batch
+  of zero energy (see :func:`energy_shares`) keeps every direction: its view
+  is ``z`` itself.
 
   Example:
     >>> z = jax.random.normal(jax.random.key(0), (32, 8))
@@ -254,7 +320,8 @@ def collapsed_view(z: jax.Array, kappa: float | jax.Array = 0.9,
     gram = jax.lax.psum(gram, axis_name)
   lam, vecs = _psd_eigh(0.5 * (gram + gram.T))
   lam = jnp.maximum(lam, 0.0)
-  p = lam / jnp.maximum(jnp.sum(lam), _TINY)
+  zero = _numerically_zero(jnp.sum(lam), z, center, axis_name)
+  p = _shares(jnp.where(zero, jnp.zeros_like(lam), lam))
   c = jnp.cumsum(p) - p
   keep = (c < kappa).astype(z.dtype)
   proj = jax.lax.stop_gradient((vecs * keep) @ vecs.T)

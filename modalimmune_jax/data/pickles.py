@@ -60,8 +60,10 @@ def _read_pickle(path: str) -> Any:
       except UnicodeDecodeError:  # written by Python 2
         f.seek(0)
         return pickle.load(f, encoding="latin1")
-  except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
-          ImportError, IndexError, MemoryError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # A corrupt stream can fail in any way: EOFError, UnpicklingError,
+    # OverflowError (impossible frame length), SystemError and RuntimeError
+    # (flipped opcodes), KeyError, ImportError, MemoryError, ...
     raise DataError(f"{path}: cannot read the pickle (truncated or corrupt?): "
                     f"{type(e).__name__}: {e}") from e
 
@@ -73,8 +75,21 @@ def _read_splits(path: str) -> dict:
                     f"dict with splits {SPLITS}")
   missing = [s for s in SPLITS if s not in data]
   if missing:
-    raise DataError(f"{path}: missing split(s) {missing} (found {sorted(data)})")
+    raise DataError(f"{path}: missing split(s) {missing} (found {_key_list(data)})"
+                    f"{_non_str_note(data)}")
   return data
+
+
+def _key_list(d: dict) -> list:
+  """The keys of ``d`` in a stable order, whatever their types."""
+  return sorted(d, key=lambda k: (not isinstance(k, str), repr(k)))
+
+
+def _non_str_note(d: dict) -> str:
+  bad = [k for k in _key_list(d) if not isinstance(k, str)]
+  if not bad:
+    return ""
+  return f"; non-string key(s) {bad} (corrupt file?)"
 
 
 class _Checker:
@@ -94,7 +109,8 @@ class _Checker:
     if key not in self.record:
       if optional:
         return None
-      self.fail(key, f"missing (keys present: {sorted(self.record)})")
+      self.fail(key, f"missing (keys present: {_key_list(self.record)})"
+                f"{_non_str_note(self.record)}")
     try:
       return np.asarray(self.record[key])
     except Exception as e:  # ragged lists and the like
@@ -150,6 +166,31 @@ def _widths(layout: str, dataset: str | None, expected_widths) -> dict:
   if expected_widths is None:
     return {}
   return dict(zip(MODALITIES, expected_widths))
+
+
+def _check_widths_agree(path: str, key: str, widths: dict[str, int]) -> None:
+  """DataError naming the file, the odd split and the key when the feature
+  widths of ``key`` differ between splits (``widths``: split -> width)."""
+  values = list(widths.values())
+  if len(set(values)) <= 1:
+    return
+  common = max(values, key=values.count)
+  if values.count(common) > 1:  # one split differs from the others: name it
+    odd = next(s for s, w in widths.items() if w != common)
+  else:
+    odd = next(s for s, w in widths.items() if w != values[0])
+  others = {s: w for s, w in widths.items() if s != odd}
+  if len(set(others.values())) == 1:
+    seen = f"{common} in {' and '.join(others)}"
+  else:
+    seen = ", ".join(f"{s} {w}" for s, w in others.items())
+  raise DataError(f"{path}: split {odd!r}, key {key!r}: feature width {widths[odd]}, but "
+                  f"{seen} (feature widths differ from train's; the splits must agree)")
+
+
+def _check_splits_agree(path: str, splits: dict[str, MultimodalSplit]) -> None:
+  for m in MODALITIES:
+    _check_widths_agree(path, m, {s: sp.modalities[m].shape[2] for s, sp in splits.items()})
 
 
 def _infer_mult_name(path: str) -> str | None:
@@ -216,6 +257,7 @@ def load_mult(path: str, dataset: str | None = None,
     splits[s] = MultimodalSplit(
         modalities=mods, masks={m: np.ones(x.shape[:2], bool) for m, x in mods.items()},
         labels=labels, task=task, ids=c.ids("id", n, optional=True), name=f"{dataset}/{s}")
+  _check_splits_agree(path, splits)
   _warn_nonfinite(path, nonfinite)
   return MultimodalDataset(
       name=dataset, splits=splits,
@@ -246,23 +288,27 @@ def load_mmsa(path: str, dataset: str | None = None,
   Args:
     path: the pickle file.
     dataset: ``"mosi"`` or ``"mosei"`` (for the width check); ``None`` infers
-      it from the audio width (5: MOSI, 74: MOSEI).
-    expected_widths: as in :func:`load_mult`.
+      it from the audio width (5: MOSI, 74: MOSEI; another width: ``"mmsa"``,
+      widths not checked), which must be the same in all three splits.
+    expected_widths: as in :func:`load_mult`. In any case the splits must
+      agree on every feature width.
 
   Example:
     >>> ds = load_mmsa("MOSI/Processed/unaligned_50.pkl")
   """
   data = _read_splits(path)
   unaligned = "unaligned" in os.path.basename(path)
+  checkers = {s: _Checker(path, s, data[s]) for s in SPLITS}
+  if dataset is None:
+    # From every split, not train alone: a width corrupted in one split would
+    # otherwise infer "mmsa" and switch the width checks off.
+    audio = {s: c.numeric("audio", 3, None, "(N, L, d)").shape[2]
+             for s, c in checkers.items()}
+    _check_widths_agree(path, "audio", audio)
+    dataset = {5: "mosi", 74: "mosei"}.get(audio["train"], "mmsa")
+  widths = _widths("mmsa", dataset, expected_widths)
   splits, nonfinite = {}, {}
-  widths = None
-  for s in SPLITS:
-    c = _Checker(path, s, data[s])
-    if widths is None:
-      if dataset is None:
-        audio = c.numeric("audio", 3, None, "(N, L, d)")
-        dataset = {5: "mosi", 74: "mosei"}.get(audio.shape[2], "mmsa")
-      widths = _widths("mmsa", dataset, expected_widths)
+  for s, c in checkers.items():
     counts: dict[str, int] = {}
     text = c.features("text", None, widths.get("text"), counts)
     n, length = text.shape[:2]
@@ -290,6 +336,7 @@ def load_mmsa(path: str, dataset: str | None = None,
     splits[s] = MultimodalSplit(modalities=mods, masks=masks, labels=labels,
                                 task="regression", ids=c.ids("id", n, optional=False),
                                 name=f"{dataset}/{s}")
+  _check_splits_agree(path, splits)
   _warn_nonfinite(path, nonfinite)
   return MultimodalDataset(
       name=dataset, splits=splits, num_outputs=1,
