@@ -1,31 +1,33 @@
 """Where the time of the MOSI-shaped training step goes.
 
-    python experiments/profile_step.py [--steps 20] [--reps 5] [--no-trace]
-                                       [--old PATH/TO/model.py]
+    python experiments/profile_step.py [--steps 20] [--reps 5] [--no-trace] [--no-parts]
+                                       [--old PATH/TO/model.py] [--model PATH/TO/model.py]
 
 The workload of ``bench_train.py``'s MOSI-shaped row: synthetic data, three
 sequence modalities of 50 frames (widths text 300 / audio 74 / vision 35,
 variable lengths), regression, batch 32, the default model (hidden 64, one
 encoder layer, one fusion layer, 4 heads, mlp_ratio 2, property vectors and
-reconstruction on), plain training with clipping and AdamW.
+reconstruction on), plain training with clipping and AdamW. Prints
 
-Prints
-
-1. the step's time alone (device-resident batches, ``block_until_ready``
-   after ``--steps`` steps, median of ``--reps``);
-2. XLA's cost analysis of the compiled step (flops, bytes accessed);
+1. XLA's cost analysis of the compiled step (flops, bytes accessed);
+2. the step's time alone: device-resident batches, ``block_until_ready``
+   after ``--steps`` steps, median of ``--reps`` (wall and process CPU time:
+   on a shared machine the CPU time is the steadier of the two);
 3. the time of its parts, each jitted alone: the model's forward (eval and
-   train mode), forward + backward of the loss, one encoder per modality
-   (forward + backward), and the rest (hook, reconstruction, fusion, head,
-   loss) given the embeddings;
-4. with the trace (default), the step's compiled ops by total time from a
+   train mode), forward + backward of the loss, each encoder (forward +
+   backward), and the rest given the embeddings (reconstruction, fusion,
+   head, loss; the encoders dead code);
+4. with the trace (default), the compiled step's ops from a
    ``jax.profiler`` trace (the CPU runtime's thunks, matched to the
-   optimised HLO).
+   optimised HLO): totals by forward / backward / other and by primitive and
+   shape, and the top ops.
 
 ``--old PATH`` loads another ``model.py`` (e.g. ``git show
 HEAD:modalimmune_jax/model.py > /tmp/old_model.py``) and times its step
-against the current one, alternating the two in one process (median of the
-per-round ratios), on the same parameters and batches.
+against the current one on the same parameters and batches, alternating the
+two in one process; the ratio is the median of the per-round ratios.
+``--model PATH`` profiles that ``model.py`` instead of the library's.
+Runs in about a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def config():
 
 
 def load_model_class(path):
-  spec = importlib.util.spec_from_file_location("_other_model", path)
+  """``MultimodalModel`` of another ``model.py`` (imported by path)."""
+  spec = importlib.util.spec_from_file_location(f"_model_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.MultimodalModel
@@ -86,23 +89,26 @@ def fresh(state):
 
 
 def time_steps(step_fn, state, batches, keys, steps):
-  t0 = time.perf_counter()
+  """``(wall ms, CPU ms, state)`` per step over ``steps`` steps."""
+  t0, c0 = time.perf_counter(), time.process_time()
   for s in range(steps):
     state, metrics = step_fn(state, batches[s % len(batches)], keys[s % len(keys)])
   jax.block_until_ready((state, metrics))
-  return (time.perf_counter() - t0) / steps * 1e3, state
+  return ((time.perf_counter() - t0) / steps * 1e3, (time.process_time() - c0) / steps * 1e3,
+          state)
 
 
-def time_fn(fn, args, n):
+def time_fn(fn, args, n, reps=3):
+  """Median ms per call of ``fn(*args)`` (compiled first)."""
   jax.block_until_ready(fn(*args))
-  best = []
-  for _ in range(3):
+  times = []
+  for _ in range(reps):
     t0 = time.perf_counter()
     for _ in range(n):
       out = fn(*args)
     jax.block_until_ready(out)
-    best.append((time.perf_counter() - t0) / n * 1e3)
-  return statistics.median(best)
+    times.append((time.perf_counter() - t0) / n * 1e3)
+  return statistics.median(times)
 
 
 def cost(compiled):
@@ -113,89 +119,88 @@ def cost(compiled):
 
 
 def parts(run, batch, key, n):
-  """Times of the model's parts, each jitted alone (ms)."""
+  """``{part: ms}`` and ``{part: flops}``, each part jitted alone on one device."""
   model_fns, params = run.model, run.state.params
   graphdef = model_fns.graphdef
   local = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), batch)
-  rows = {}
+  times, flops = {}, {}
 
   def loss_of(out, b):
     return model_fns.task_loss(out["outputs"], b["labels"]) + reconstruction_loss(
         out, b["presence"])
 
-  fwd_eval = jax.jit(lambda p, b: model_fns.apply(p, b, train=False)["outputs"])
-  fwd_train = jax.jit(lambda p, b, k: loss_of(model_fns.apply(p, b, k), b))
-  fwd_bwd = jax.jit(jax.value_and_grad(lambda p, b, k: loss_of(model_fns.apply(p, b, k), b)))
-  rows["forward (eval, outputs)"] = time_fn(fwd_eval, (params, local), n)
-  rows["forward (train, loss)"] = time_fn(fwd_train, (params, local, key), n)
-  rows["forward + backward (loss)"] = time_fn(fwd_bwd, (params, local, key), n)
-  flops = cost(fwd_bwd.lower(params, local, key).compile())["flops"]
-  rows_flops = {"forward + backward (loss)": flops}
+  def add(name, fn, *args):
+    times[name] = time_fn(fn, args, n)
+    flops[name] = cost(fn.lower(*args).compile())["flops"]
 
+  add("forward (eval, outputs)",
+      jax.jit(lambda p, b: model_fns.apply(p, b, train=False)["outputs"]), params, local)
+  add("forward (train, loss)",
+      jax.jit(lambda p, b, k: loss_of(model_fns.apply(p, b, k), b)), params, local, key)
+  add("forward + backward (loss)",
+      jax.jit(jax.value_and_grad(lambda p, b, k: loss_of(model_fns.apply(p, b, k), b))),
+      params, local, key)
   for m in model_fns.names:
     def enc_loss(p, x, mask, m=m):
       model = nnx.merge(graphdef, p)
       return jnp.sum(model.encoders[m](x, mask, train=True, rngs=None) ** 2)
-    fn = jax.jit(jax.value_and_grad(enc_loss))
-    args = (params, local["inputs"][m], local["masks"][m])
-    rows[f"encoder {m} {tuple(args[1].shape)} fwd+bwd"] = time_fn(fn, args, n)
-    rows_flops[f"encoder {m} {tuple(args[1].shape)} fwd+bwd"] = cost(
-        fn.lower(*args).compile())["flops"]
+    x = local["inputs"][m]
+    add(f"encoder {m} {tuple(x.shape)} fwd+bwd", jax.jit(jax.value_and_grad(enc_loss)),
+        params, x, local["masks"][m])
 
-  # the rest given the embeddings: a hook replaces z by an input (so the
-  # encoders' outputs are dead code and XLA drops them)
-  z0 = fwd_embeddings = jax.jit(lambda p, b: model_fns.apply(p, b, train=False)["embeddings"])(
-      params, local)
-  del fwd_embeddings
+  z = jax.jit(lambda p, b: model_fns.apply(p, b, train=False)["embeddings"])(params, local)
 
-  def rest_loss(p, z, b, k):
-    hook = lambda _, present: (z, present)
-    return loss_of(model_fns.apply(p, b, k, hook=hook), b)
-  fn = jax.jit(jax.value_and_grad(rest_loss, argnums=(0, 1)))
-  rows["fusion + reconstruction + head + loss fwd+bwd (encoders dead)"] = time_fn(
-      fn, (params, z0, local, key), n)
-  return rows, rows_flops
+  def rest_loss(p, z, b, k):  # the hook replaces the embeddings: the encoders are dead code
+    return loss_of(model_fns.apply(p, b, k, hook=lambda _, present: (z, present)), b)
+  add("reconstruction + fusion + head + loss fwd+bwd",
+      jax.jit(jax.value_and_grad(rest_loss, argnums=(0, 1))), params, z, local, key)
+  return times, flops
 
 
 def trace_ops(step_fn, state, batches, keys, steps, top):
-  """Per-op totals of the compiled step from a jax.profiler trace."""
+  """Prints the compiled step's ops by time, from a ``jax.profiler`` trace."""
   hlo = step_fn.lower(state, batches[0], keys[0]).compile().as_text()
   lines = {}
   for line in hlo.splitlines():
-    mt = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
-    if mt:
-      lines.setdefault(mt.group(1), mt.group(2))
+    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
+    if match:
+      lines.setdefault(match.group(1), match.group(2))
   tmp = tempfile.mkdtemp(prefix="profile_step_")
-  _, state = time_steps(step_fn, state, batches, keys, 2)
+  *_, state = time_steps(step_fn, state, batches, keys, 2)
   jax.profiler.start_trace(tmp, create_perfetto_trace=True)
-  _, state = time_steps(step_fn, state, batches, keys, steps)
+  wall, _, state = time_steps(step_fn, state, batches, keys, steps)
   jax.profiler.stop_trace()
-  paths = glob.glob(os.path.join(tmp, "**", "perfetto_trace.json.gz"), recursive=True)
-  with gzip.open(paths[0]) as f:
+  with gzip.open(glob.glob(os.path.join(tmp, "**", "perfetto_trace.json.gz"),
+                           recursive=True)[0]) as f:
     events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
   total = collections.Counter()
-  count = collections.Counter()
   for e in events:
     if e.get("ph") == "X" and e["name"] in lines:
       total[e["name"]] += e.get("dur", 0.0)
-      count[e["name"]] += 1
-  step_total = sum(total.values()) / steps / 1e3
-  print(f"\nops of the compiled step from the trace: {step_total:.2f} ms of op time per "
-        f"step (summed over threads, {len(total)} distinct ops); top {top}:")
-  print(f"{'ms/step':>8} {'share':>6}  op = HLO")
-  by_kind = collections.Counter()
+  ms = lambda us: us / steps / 1e3
+  by_phase, by_prim = collections.Counter(), collections.Counter()
   for name, us in total.items():
     text = lines[name]
-    kind = re.search(r"\b(fusion|dot|convolution|custom-call|reduce|transpose|copy|"
-                     r"while|conditional|scatter|gather|sort|call)\(", text)
-    calls = re.search(r"calls=%?([\w.\-]+)", text)
-    by_kind[(kind.group(1) if kind else "other")] += us
+    op = re.search(r'op_name="([^"]+)"', text)
+    op = op.group(1) if op else "?"
+    phase = ("backward" if "transpose(" in op else "forward" if "jvp(" in op else
+             "optimiser (cond)" if "/cond/" in op else "other")
+    by_phase[phase] += us
+    by_prim[(phase[:3], op.split("/")[-1], text.split(" ")[0].split("{")[0])] += us
+  print(f"\nthe step's ops in a trace of {steps} steps ({wall:.1f} ms/step wall while "
+        f"tracing): {ms(sum(total.values())):.2f} ms/step of op time summed over threads, "
+        f"{len(total)} ops")
+  print("  by phase: " + ", ".join(f"{k} {ms(v):.2f}" for k, v in by_phase.most_common()))
+  print(f"  by (phase, primitive, output shape), top {top}:")
+  for (phase, prim, shape), us in by_prim.most_common(top):
+    print(f"    {ms(us):6.2f} ms  {phase} {prim} {shape}")
+  print(f"  top {top} ops:")
   for name, us in total.most_common(top):
     text = lines[name]
-    print(f"{us / steps / 1e3:8.3f} {us / sum(total.values()):6.1%}  {name} = {text[:150]}")
-  print("\nby kind (ms/step): " + ", ".join(
-      f"{k} {v / steps / 1e3:.2f}" for k, v in by_kind.most_common()))
+    op = re.search(r'op_name="([^"]+)"', text)
+    print(f"    {ms(us):6.3f} ms  {name[:30]:30s} {text.split(' ')[0][:34]:34s} "
+          f"{op.group(1)[-60:] if op else ''}")
   return state
 
 
@@ -203,69 +208,67 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--top", type=int, default=20)
   parser.add_argument("--no-trace", action="store_true")
   parser.add_argument("--no-parts", action="store_true")
   parser.add_argument("--old", default="", help="another model.py to time against")
+  parser.add_argument("--model", default="", help="profile this model.py instead")
   args = parser.parse_args()
 
   cfg = config()
-  run = build(cfg)
-  n_batches = 16
-  batches = [shard_batch(run.batches(s), run.mesh) for s in range(n_batches)]
+  run = build(cfg, load_model_class(args.model) if args.model else None)
+  batches = [shard_batch(run.batches(s), run.mesh) for s in range(16)]
   key = jax.random.key(0)
-  keys = [jax.random.fold_in(key, s) for s in range(n_batches)]
+  keys = [jax.random.fold_in(key, s) for s in range(16)]
   jax.block_until_ready((batches, keys))
   print(f"JAX {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores), "
         f"params {sum(x.size for x in jax.tree.leaves(run.state.params)):,}")
 
   t0 = time.perf_counter()
-  compiled = run.step_fn.lower(run.state, batches[0], keys[0]).compile()
-  print(f"compile {time.perf_counter() - t0:.2f} s")
-  c = cost(compiled)
-  print(f"XLA cost analysis of the step: {c['flops'] / 1e6:.1f} MFLOP, "
-        f"{c['bytes accessed'] / 1e6:.1f} MB accessed, "
+  c = cost(run.step_fn.lower(run.state, batches[0], keys[0]).compile())
+  print(f"compile {time.perf_counter() - t0:.1f} s; XLA cost analysis of the step: "
+        f"{c['flops'] / 1e6:.0f} MFLOP, {c['bytes accessed'] / 1e6:.0f} MB accessed, "
         f"{c['transcendentals'] / 1e6:.2f} M transcendentals")
 
   state = fresh(run.state)
-  _, state = time_steps(run.step_fn, state, batches, keys, 3)
+  *_, state = time_steps(run.step_fn, state, batches, keys, 3)
+  contenders = [("new", run.step_fn)]
+  states = {"new": state}
   if args.old:
     old = build(cfg, load_model_class(args.old), dataset=run.dataset)
-    same = jax.tree.structure(old.state.params) == jax.tree.structure(run.state.params)
-    print(f"old model {args.old}: params pytree {'same' if same else 'DIFFERENT'}")
-    old_state = fresh(run.state) if same else fresh(old.state)
-    _, old_state = time_steps(old.step_fn, old_state, batches, keys, 3)
-    new_t, old_t = [], []
-    for r in range(args.reps):
-      order = [("new", run.step_fn), ("old", old.step_fn)]
-      if r % 2:
-        order.reverse()
-      for name, fn in order:
-        if name == "new":
-          t, state = time_steps(fn, state, batches, keys, args.steps)
-          new_t.append(t)
-        else:
-          t, old_state = time_steps(fn, old_state, batches, keys, args.steps)
-          old_t.append(t)
-    ratios = [n / o for n, o in zip(new_t, old_t)]
-    print(f"step: new {statistics.median(new_t):.2f} ms, old {statistics.median(old_t):.2f} ms "
-          f"(medians of {args.reps} x {args.steps} steps, alternating); new/old "
-          f"{statistics.median(ratios):.3f} (per round: "
-          f"{', '.join(f'{x:.3f}' for x in ratios)})")
-  else:
-    ts = []
-    for _ in range(args.reps):
-      t, state = time_steps(run.step_fn, state, batches, keys, args.steps)
-      ts.append(t)
-    print(f"step: {statistics.median(ts):.2f} ms (median of {args.reps} x {args.steps} steps; "
-          f"{', '.join(f'{x:.1f}' for x in ts)})")
+    if jax.tree.structure(old.state.params) != jax.tree.structure(run.state.params):
+      raise SystemExit(f"{args.old}: the parameters' pytree differs")
+    same = all(bool(jnp.array_equal(a, b)) for a, b in
+               zip(jax.tree.leaves(old.state.params), jax.tree.leaves(run.state.params)))
+    print(f"old model {args.old}: same parameter pytree, same initial values: {same}")
+    c = cost(old.step_fn.lower(run.state, batches[0], keys[0]).compile())
+    print(f"  old step: {c['flops'] / 1e6:.0f} MFLOP, {c['bytes accessed'] / 1e6:.0f} MB "
+          f"accessed, {c['transcendentals'] / 1e6:.2f} M transcendentals")
+    *_, states["old"] = time_steps(old.step_fn, fresh(run.state), batches, keys, 3)
+    contenders.append(("old", old.step_fn))
+  wall, cpu = collections.defaultdict(list), collections.defaultdict(list)
+  for r in range(args.reps):
+    for name, fn in (contenders if r % 2 == 0 else contenders[::-1]):
+      w, c_, states[name] = time_steps(fn, states[name], batches, keys, args.steps)
+      wall[name].append(w)
+      cpu[name].append(c_)
+  label = {"new": os.path.basename(args.model) if args.model else "new", "old": "old"}
+  for name, _ in contenders:
+    print(f"step ({label[name]}): {statistics.median(wall[name]):.2f} ms wall, "
+          f"{statistics.median(cpu[name]):.2f} ms CPU (medians of {args.reps} x {args.steps} "
+          f"steps; wall {', '.join(f'{x:.1f}' for x in wall[name])})")
+  if args.old:
+    for what, t in (("wall", wall), ("CPU", cpu)):
+      ratios = [n / o for n, o in zip(t["new"], t["old"])]
+      print(f"new / old ({what}): {statistics.median(ratios):.3f} (per round: "
+            f"{', '.join(f'{x:.3f}' for x in ratios)})")
+  state = states["new"]
 
   if not args.no_parts:
-    rows, flops = parts(run, batches[0], keys[0], max(args.steps // 2, 5))
-    print("\nparts, each jitted alone on one device (ms, MFLOP where measured):")
-    for k, v in rows.items():
-      f = f"  {flops[k] / 1e6:8.1f} MFLOP" if k in flops else ""
-      print(f"  {v:7.2f}  {k}{f}")
+    times, flops = parts(run, batches[0], keys[0], max(args.steps // 2, 5))
+    print("\nparts, each jitted alone on one device:")
+    for k, v in times.items():
+      print(f"  {v:7.2f} ms  {flops[k] / 1e6:7.0f} MFLOP  {k}")
 
   if not args.no_trace:
     trace_ops(run.step_fn, state, batches, keys, args.steps, args.top)

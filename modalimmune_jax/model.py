@@ -49,12 +49,14 @@ def self_attention(attn: nnx.MultiHeadAttention, x: jax.Array,
   computed with fewer passes over the ``(B, H, L, L)`` logits.
 
   ``key_mask`` ``(B, L)`` (False: a key no query attends to) or None (every
-  key). The function is that of flax's multi-head attention (which calls
-  ``jax.nn.dot_product_attention``): a masked logit is set to ``-0.7 *
-  float32 max``, so a row without any key is uniform; the result agrees with
-  it to float32 rounding (``tests/test_model_speed_equivalence.py``). What
-  differs is the formulation, about half the time of the MOSI-shaped
-  training step on CPU (``experiments/profile_step.py``):
+  key); ``attn`` as the blocks make it (biases, no qk normalisation, no
+  attention dropout; anything else raises ValueError). The function is that
+  of flax's multi-head attention (which calls ``jax.nn.dot_product_attention``):
+  a masked logit is set to ``-0.7 * float32 max``, so a row without any key
+  is uniform; the result agrees with it to float32 rounding
+  (``tests/test_model_speed_equivalence.py``). What differs is the
+  formulation; with it the MOSI-shaped training step takes about 0.53x the
+  time on a 2-core CPU (``experiments/profile_step.py --old``):
 
   * one projection to ``q, k, v`` (the three kernels concatenated at run
     time; the parameters keep their names and shapes);
@@ -68,18 +70,20 @@ def self_attention(attn: nnx.MultiHeadAttention, x: jax.Array,
     with ``e = exp(logits - max)``: no ``(L, L)`` division forward and no
     ``(L, L)`` reduction backward.
   """
-  heads, depth = attn.num_heads, attn.head_dim
+  if attn.normalize_qk or attn.dropout_rate > 0 or not attn.use_bias:
+    raise ValueError("self_attention: only attention with biases, without qk normalisation "
+                     "and without attention dropout (the model's blocks)")
   kernel = jnp.concatenate([attn.query.kernel[...], attn.key.kernel[...],
                             attn.value.kernel[...]], axis=1)  # (k, 3H, d)
   bias = jnp.concatenate([attn.query.bias[...], attn.key.bias[...], attn.value.bias[...]])
   qkv = jnp.einsum("bld,dhk->blhk", x, kernel) + bias
-  scale = jnp.asarray(1.0 / depth ** 0.5, qkv.dtype)
+  scale = jnp.asarray(1.0 / attn.head_dim ** 0.5, qkv.dtype)
   if key_mask is not None:
     # a sample without any key: q = 0, so its logits are exactly the mask
     # (uniform weights) and, as with flax's select, carry no gradient to q, k
     scale = scale * jnp.any(key_mask, axis=1).astype(qkv.dtype)[:, None, None, None]
-  q = qkv[:, :, :heads] * scale
-  k, v = qkv[:, :, heads:2 * heads], qkv[:, :, 2 * heads:]
+  q, k, v = jnp.split(qkv, 3, axis=2)
+  q = q * scale
   logits_dtype = jnp.promote_types(q.dtype, jnp.float32)  # softmax in float32 at least
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype)
   if key_mask is not None:
