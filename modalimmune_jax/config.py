@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0      # global-norm clip; 0 = off
 
   c.method = ml_collections.ConfigDict()
-  c.method.name = "plain"               # plain | dropout | modalimmune | consistency
+  c.method.name = "plain"               # plain | dropout | modalimmune | consistency | cmpt
   c.method.reconstruction_weight = 1.0  # mu, used when model.reconstruction
   c.method.dropout = ml_collections.ConfigDict()
   c.method.dropout.rate = 0.3           # per (sample, modality), at least one kept
@@ -86,6 +86,19 @@ def base_config() -> ml_collections.ConfigDict:
   co.temperature = 1.0      # code, training configs (T)
   co.divergence = "kl"      # kl (code) | js (textbook) | js_authors (code's "JS")
   co.targets = ()           # ours: modalities that may be perturbed; () = every modality
+  # Cross-modal proxy tokens (Reza et al., TMLR, arXiv 2501.17823; a reimplementation,
+  # sources in docs/method.md: "paper", or "ours" where the paper is silent or ours differs).
+  # method.name = "cmpt" also builds the model's parts (proxy tokens, LoRA, gate).
+  cm = c.method.cmpt = ml_collections.ConfigDict()
+  cm.pretrain_fraction = 0.5  # ours: plain steps before the freeze (paper: pretrained encoders)
+  cm.train_rate = 0.7         # paper: trained at sample-eta 0.7 (MAP protocol)
+  cm.patterns = "any"         # paper (MAP "both": text or image missing); any | single
+  cm.align_weight = 0.2       # paper
+  cm.distance = "mse"         # ours (paper does not state it): mse | l1 | cosine
+  cm.lora_rank = 1            # paper (ablation); 0 = no LoRA (encoders still frozen)
+  cm.lora_targets = "linear"  # ours: every encoder linear layer (paper: attention
+                              # projections = "attention"; vector encoders have none)
+  cm.gated_fusion = True      # paper
   mi = c.method.modalimmune = ml_collections.ConfigDict()
   mi.collapse = True            # collapse regulariser lambda * sum alpha_m R(z_m)
   mi.collapse_weight = 0.1      # lambda (initial value under BHGD)
@@ -201,7 +214,10 @@ _CHOICES = {
     "data.name": ("synthetic", "mfeat", "mosi", "mosei", "iemocap"),
     "data.synthetic.task": ("classification", "regression"),
     "optim.schedule": ("cosine", "constant"),
-    "method.name": ("plain", "dropout", "modalimmune", "consistency"),
+    "method.name": ("plain", "dropout", "modalimmune", "consistency", "cmpt"),
+    "method.cmpt.patterns": ("any", "single"),
+    "method.cmpt.distance": ("mse", "l1", "cosine"),
+    "method.cmpt.lora_targets": ("linear", "attention"),
     "method.consistency.divergence": ("kl", "js", "js_authors"),
     "method.modalimmune.intervention": ("collapse", "drop", "drop_cells"),
     "method.modalimmune.mask_mode": ("hard", "soft"),
@@ -237,6 +253,9 @@ _INTERVALS = {
     "method.consistency.pgd_eps": (0.0, float("inf"), False, True),
     "method.consistency.noise_std": (0.0, float("inf"), False, True),
     "method.consistency.weight": (0.0, float("inf"), False, True),
+    "method.cmpt.pretrain_fraction": (0.0, 1.0, False, True),
+    "method.cmpt.train_rate": (0.0, 1.0, False, False),
+    "method.cmpt.align_weight": (0.0, float("inf"), False, True),
 }
 
 
@@ -315,6 +334,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
     raise ConfigError("config key 'method.consistency.pgd_steps' must be an integer >= 0, "
                       f"got {steps!r}")
+  rank = given["method.cmpt.lora_rank"]
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+    raise ConfigError(f"config key 'method.cmpt.lora_rank' must be an integer >= 0, got {rank!r}")
   draws = given["eval.draws"]
   if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
     raise ConfigError(f"config key 'eval.draws' must be a positive integer, got {draws!r}")

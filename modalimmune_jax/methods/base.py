@@ -13,6 +13,9 @@ A :class:`Method` is a small NamedTuple of pure functions, in the style of an
   (method_state, metrics)``: runs inside the jitted step after the parameter
   update (periodic work is gated with ``lax.cond`` on ``step``);
 * ``transforms``: optax transformations put in front of the optimiser;
+* ``post_transforms``: optax transformations put after it (on the final
+  updates: e.g. zeroing a frozen parameter's update, which a transform in
+  front cannot do against AdamW's momentum and weight decay);
 * ``split_destructive``: the step passes the gradient of ``destructive`` to
   the optimiser as the extra argument ``destructive``;
 * ``events(step, get_metrics) -> list[dict]``: host side, records for
@@ -72,6 +75,7 @@ class Method(NamedTuple):
   events: Callable[[int, Callable[[], dict]], list] | None = None
   objective: Callable[..., jax.Array] | None = None
   faults: Callable[[Any, Any], dict] | None = None
+  post_transforms: tuple = ()
 
 
 def task_loss(task: str, outputs: jax.Array, labels: jax.Array,
