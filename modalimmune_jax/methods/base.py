@@ -88,17 +88,25 @@ def task_loss(task: str, outputs: jax.Array, labels: jax.Array,
   return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
 
 
-def reconstruction_loss(out: dict, present: jax.Array) -> jax.Array:
+def reconstruction_loss(out: dict, present: jax.Array,
+                        axis_name: str | None = None) -> jax.Array:
   """Mean over present (sample, modality) cells of ``||r_m - sg(z_m)||^2 / k``.
 
   ``out`` is the model's output (``reconstructions``, ``embeddings``); 0 when
-  the model has no reconstruction generator.
+  the model has no reconstruction generator. With ``axis_name`` (inside
+  ``shard_map``) the denominator is the device mean of the cell counts, so the
+  step's ``pmean`` is the global-batch mean even when the devices hold
+  different numbers of present cells (random removals); without it, each
+  device's own count.
   """
   if "reconstructions" not in out:
     return jnp.zeros([], out["outputs"].dtype)
   present = present.astype(out["embeddings"].dtype)
   err = jnp.mean((out["reconstructions"] - jax.lax.stop_gradient(out["embeddings"])) ** 2, -1)
-  return jnp.sum(err * present) / jnp.maximum(jnp.sum(present), 1.0)
+  count = jnp.sum(present)
+  if axis_name is not None:
+    count = jax.lax.pmean(count, axis_name)
+  return jnp.sum(err * present) / jnp.maximum(count, 1.0)
 
 
 def global_batch_size(batch: dict, axis_name: str | None) -> int:
