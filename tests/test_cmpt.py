@@ -251,3 +251,26 @@ def test_config_rejects_bad_cmpt_values():
     config.method.cmpt[key] = value
     with pytest.raises(ConfigError, match=f"method.cmpt.{key}"):
       validate_config(config)
+
+
+def test_train_and_evaluate_resumes_across_the_freeze(tmp_path):
+  """The phase lives in the checkpoint: stopped after step 5 (plain, of 6) and resumed,
+  the run ends where an uninterrupted one does; the protocol evaluates with proxies."""
+  from tests.helpers import flat
+
+  def config(stop_after=0):
+    c = get_config("synthetic", "smoke")
+    c.method.name = "cmpt"
+    c.eval.removals = "drop_one"
+    c.train.stop_after = stop_after
+    return c
+
+  full = train.train_and_evaluate(config(), str(tmp_path / "full"))
+  rows = full["protocol"]["rows"]  # non-finite metrics would be None
+  assert len(rows) > 1 and all(isinstance(r["accuracy"], float)
+                               and isinstance(r["macro_f1"], float) for r in rows)
+  first = train.train_and_evaluate(config(5), str(tmp_path / "resumed"))
+  assert first["stopped"]
+  second = train.train_and_evaluate(config(), str(tmp_path / "resumed"))
+  assert second["start_step"] == 5 and not second["stopped"]
+  np.testing.assert_array_equal(flat(second["final_params"]), flat(full["final_params"]))
