@@ -40,7 +40,6 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(HERE, "configs"))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from modalimmune_jax import train  # noqa: E402
 from modalimmune_jax.config import with_overrides  # noqa: E402

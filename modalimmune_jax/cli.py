@@ -15,7 +15,6 @@ import difflib
 import logging
 import os
 import sys
-import traceback
 from typing import Callable
 
 from absl import app, flags

@@ -24,13 +24,14 @@ off in turn (:data:`ABLATIONS`) instead of methods.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from modalimmune_jax import protocol
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for every run and the comparison.")
@@ -80,16 +81,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no property vectors": {"model.property_vectors": False},
 }
 
-MISSING_KINDS = ("removal", "random_missing", "cell_missing", "sample_missing",
-                 "frame_missing")
-
-
-def selection_score(protocol_dict: dict, metric: str) -> float:
-  """Mean ``metric`` over ``full`` and the missing-modality conditions."""
-  kinds = {c["name"]: c["kind"] for c in protocol_dict["meta"]["conditions"]}
-  values = [r[metric] for r in protocol_dict["rows"]
-            if kinds[r["condition"]] in ("full",) + MISSING_KINDS and r[metric] is not None]
-  return float(sum(values) / len(values))
+MISSING_KINDS = protocol.MISSING_KINDS
+selection_score = protocol.selection_score
 
 
 def run_once(config, workdir: str) -> dict:

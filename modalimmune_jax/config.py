@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0      # global-norm clip; 0 = off
 
   c.method = ml_collections.ConfigDict()
-  c.method.name = "plain"               # plain | dropout | modalimmune | consistency | cmpt
+  c.method.name = "plain"               # plain | dropout | modalimmune | consistency | ebr | distill | cmpt
   c.method.reconstruction_weight = 1.0  # mu, used when model.reconstruction
   c.method.dropout = ml_collections.ConfigDict()
   c.method.dropout.rate = 0.3           # per (sample, modality), at least one kept
@@ -86,6 +86,22 @@ def base_config() -> ml_collections.ConfigDict:
   co.temperature = 1.0      # code, training configs (T)
   co.divergence = "kl"      # kl (code) | js (textbook) | js_authors (code's "JS")
   co.targets = ()           # ours: modalities that may be perturbed; () = every modality
+  # Explicit basis reallocation (Chaudhuri et al., ICML 2025): a REIMPLEMENTATION, no
+  # official code; "paper" = ../shared/BASELINES.md's reading of the paper.
+  eb = c.method.ebr = ml_collections.ConfigDict()
+  eb.shared_dim = 512            # paper: shared space width (MLP k -> 1024 -> 512)
+  eb.hidden = 1024               # paper: hidden width of encoders, decoders, classifier
+  eb.adversarial_weight = 0.01   # paper: modality-classifier CE weight (swept [1e-3, 1])
+  eb.reversal = 1.0              # paper: gradient-reversal coefficient
+  eb.similarity_decay = 0.99     # ours: EMA of the per-batch mean cosine similarity of g
+  # Cross-modal knowledge distillation (the baseline the EBR paper motivates; a
+  # REIMPLEMENTATION): a multimodal teacher trained for the first teacher_fraction of
+  # train.steps inside the same loop (its params in the method state), then frozen.
+  di = c.method.distill = ml_collections.ConfigDict()
+  di.teacher_fraction = 0.5      # ours: teacher steps = round(fraction * train.steps)
+  di.weight = 1.0                # ours: weight of the feature MSE (BASELINES.md: feature MSE)
+  di.target = "modality"         # modality (teacher's z_m, per modality) | fused (teacher's fused)
+  di.dropout_rate = 0.0          # ours: modality dropout on the student's batch (0 = off)
   # Cross-modal proxy tokens (Reza et al., TMLR, arXiv 2501.17823; a reimplementation,
   # sources in docs/method.md: "paper", or "ours" where the paper is silent or ours differs).
   # method.name = "cmpt" also builds the model's parts (proxy tokens, LoRA, gate).
@@ -160,6 +176,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.snrs_db = (10.0, 0.0)
   # fixed removals (MMIN's table): all | drop_one | keep_one | drop_one+keep_one | none
   c.eval.removals = "all"
+  # the parameters evaluated: final | valid (the best on the valid split under these
+  # same conditions, scored every train.eval_every steps and at the end)
+  c.eval.select = "final"
   c.eval.draws = 1              # fixed mask draws per random condition (mean ± std)
 
   c.distributed = ml_collections.ConfigDict()
@@ -214,7 +233,9 @@ _CHOICES = {
     "data.name": ("synthetic", "mfeat", "mosi", "mosei", "iemocap"),
     "data.synthetic.task": ("classification", "regression"),
     "optim.schedule": ("cosine", "constant"),
-    "method.name": ("plain", "dropout", "modalimmune", "consistency", "cmpt"),
+    "method.name": ("plain", "dropout", "modalimmune", "consistency", "ebr", "distill",
+                    "cmpt"),
+    "method.distill.target": ("modality", "fused"),
     "method.cmpt.patterns": ("any", "single"),
     "method.cmpt.distance": ("mse", "l1", "cosine"),
     "method.cmpt.lora_targets": ("linear", "attention"),
@@ -227,6 +248,7 @@ _CHOICES = {
     "train.regression_loss": ("l1", "mse"),
     "train.on_nonfinite": ("skip", "stop"),
     "eval.split": ("train", "valid", "test"),
+    "eval.select": ("final", "valid"),
     "eval.removals": ("all", "drop_one", "keep_one", "drop_one+keep_one", "none"),
     "eval.sample_patterns": ("any", "single"),
 }
@@ -240,7 +262,7 @@ _POSITIVE = ("model.hidden", "model.num_heads", "model.mlp_ratio", "model.encode
              "method.modalimmune.hyper_terms", "method.modalimmune.hyper_damping",
              "method.modalimmune.hyper_rel_tol", "method.modalimmune.hyper_batch_size",
              "method.reconstruction_weight", "method.consistency.pgd_step_size",
-             "method.consistency.temperature")
+             "method.consistency.temperature", "method.ebr.shared_dim", "method.ebr.hidden")
 # key -> (low, high, low_open, high_open)
 _INTERVALS = {
     "model.dropout": (0.0, 1.0, False, True),
@@ -253,6 +275,12 @@ _INTERVALS = {
     "method.consistency.pgd_eps": (0.0, float("inf"), False, True),
     "method.consistency.noise_std": (0.0, float("inf"), False, True),
     "method.consistency.weight": (0.0, float("inf"), False, True),
+    "method.ebr.adversarial_weight": (0.0, float("inf"), False, True),
+    "method.ebr.reversal": (0.0, float("inf"), False, True),
+    "method.ebr.similarity_decay": (0.0, 1.0, False, True),
+    "method.distill.teacher_fraction": (0.0, 1.0, True, True),
+    "method.distill.weight": (0.0, float("inf"), False, True),
+    "method.distill.dropout_rate": (0.0, 1.0, False, True),
     "method.cmpt.pretrain_fraction": (0.0, 1.0, False, True),
     "method.cmpt.train_rate": (0.0, 1.0, False, False),
     "method.cmpt.align_weight": (0.0, float("inf"), False, True),

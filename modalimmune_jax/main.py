@@ -16,7 +16,7 @@ first.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS

@@ -69,6 +69,8 @@ __all__ = [
     "frame_missing",
     "gaussian_noise",
     "standard_conditions",
+    "MISSING_KINDS",
+    "selection_score",
     "ProtocolResult",
     "evaluate",
 ]
@@ -360,6 +362,21 @@ def standard_conditions(modality_names: Sequence[str],
            + [frame_missing(r) for r in frame_rates]
            + [gaussian_noise(s) for s in snrs_db])
   return [c.with_draws(draws) for c in conds] if draws != 1 else conds
+
+
+# The kinds of condition that miss something (the selection score's and the
+# comparison's "mean missing").
+MISSING_KINDS = ("removal", "random_missing", "cell_missing", "sample_missing",
+                 "frame_missing")
+
+
+def selection_score(protocol_dict: dict, metric: str) -> float:
+  """Mean ``metric`` over ``full`` and the missing-modality conditions of a
+  :meth:`ProtocolResult.to_dict` (what model selection and tuning compare)."""
+  kinds = {c["name"]: c["kind"] for c in protocol_dict["meta"]["conditions"]}
+  values = [r[metric] for r in protocol_dict["rows"]
+            if kinds[r["condition"]] in ("full",) + MISSING_KINDS and r[metric] is not None]
+  return float(sum(values) / len(values))
 
 
 @dataclasses.dataclass

@@ -187,7 +187,8 @@ def setup(config: ml_collections.ConfigDict,
   ``method`` defaults to the one ``config.method.name`` names; a callable
   ``model_fns -> Method`` builds a custom one. ``optimizer`` defaults to
   :func:`make_optimizer`; the method's transforms are put in front of it
-  either way (and its ``post_transforms`` after it). ``num_devices`` defaults to ``config.train.num_devices``.
+  either way (and its ``post_transforms`` after it). ``num_devices`` defaults to
+  ``config.train.num_devices``.
   """
   dataset = dataset or load_data(config)
   mesh = make_mesh(config.train.num_devices if num_devices is None else num_devices)
@@ -214,12 +215,16 @@ def setup(config: ml_collections.ConfigDict,
   return Setup(dataset, model, method, state, optimizer, mesh, step_fn, batches, loop_fn)
 
 
-def make_predict_fn(graphdef: nnx.GraphDef) -> Callable:
-  """``predict(params, batch) -> outputs`` (jitted, evaluation mode)."""
+def make_predict_fn(graphdef: nnx.GraphDef, predict_hook: Callable | None = None) -> Callable:
+  """``predict(params, batch, method_state=None) -> outputs`` (jitted, evaluation
+  mode). With a method's ``predict_hook`` (``Method.predict_hook``) the model
+  runs with the hook ``predict_hook(params, method_state)`` (EBR's test-time fill)."""
   @jax.jit
-  def predict(params, batch):
+  def predict(params, batch, method_state=None):
     model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], batch["masks"], batch["presence"])["outputs"]
+    hook = None if predict_hook is None else predict_hook(params, method_state)
+    return model(batch["inputs"], batch["masks"], batch["presence"],
+                 embedding_hook=hook)["outputs"]
   return predict
 
 
@@ -243,11 +248,69 @@ def eval_conditions(config: ml_collections.ConfigDict,
                                       sample_patterns=e.sample_patterns, draws=e.draws)
 
 
-def evaluate_split(predict, params, split, batch_size) -> dict:
+def evaluate_split(predict, params, split, batch_size, method_state=None) -> dict:
   """Metrics of ``split`` with every modality present."""
-  result = protocol.evaluate(lambda b: predict(params, device_batch(b)), split,
+  result = protocol.evaluate(lambda b: predict(params, device_batch(b), method_state), split,
                              [protocol.full()], batch_size=batch_size)
   return result.get("full")
+
+
+class _ValidSelector:
+  """Model selection on the valid split (``eval.select='valid'``).
+
+  At every validation interval and at the end, the parameters are scored on
+  the **valid** split under the same protocol conditions as the final
+  evaluation (:func:`eval_conditions`, :func:`protocol.selection_score`: the
+  headline metric averaged over full and every missing-modality condition);
+  the best state is kept in ``WORKDIR/best/`` (one orbax checkpoint, resumable)
+  and is the one evaluated on ``eval.split`` at the end. The final state stays
+  in ``checkpoints/``. Ties keep the earlier step.
+  """
+
+  def __init__(self, config, dataset, predict, workdir, state, rng, eval_state):
+    self.config, self.predict = config, predict
+    self.split = dataset.splits["valid"]
+    self.conditions = eval_conditions(config, dataset.modality_names)
+    self.metric = HEADLINE[dataset.task]
+    self.lower = self.metric == "MAE"
+    self.rng = rng
+    self.best_step, self.best_score, self.best_params = None, None, None
+    self.best_method_state = None
+    self.scores = {}  # step -> valid score, this session
+    self.ckpt = (Checkpointer(os.path.join(workdir, "best"), 1)
+                 if config.checkpoint.enabled else None)
+    if self.ckpt is not None:
+      restored = self.ckpt.restore_latest(state, rng)
+      if restored is not None:
+        self.best_step, best, _, meta = restored
+        self.best_score = float(meta["valid_score"])
+        self.best_params, self.best_method_state = host_copy(best.params), eval_state(best)
+
+  def consider(self, step: int, state, params, method_state=None) -> float:
+    result = protocol.evaluate(lambda b: self.predict(params, device_batch(b), method_state),
+                               self.split,
+                               self.conditions, batch_size=self.config.eval.batch_size,
+                               seed=self.config.eval.seed)
+    score = protocol.selection_score(result.to_dict(), self.metric)
+    self.scores[step] = score
+    better = self.best_score is None or (score < self.best_score if self.lower
+                                         else score > self.best_score)
+    if better:
+      self.best_step, self.best_score, self.best_params = step, score, params
+      self.best_method_state = method_state
+      if self.ckpt is not None and step not in self.ckpt.manager.all_steps():
+        self.ckpt.save(step, state, self.rng, {"step": step, "valid_score": score,
+                                               "metric": self.metric})
+    return score
+
+  def summary(self) -> dict:
+    return {"rule": "valid", "step": self.best_step, "valid_score": self.best_score,
+            "metric": self.metric, "score": "mean over full and missing conditions",
+            "scores_this_session": {str(k): v for k, v in self.scores.items()}}
+
+  def close(self):
+    if self.ckpt is not None:
+      self.ckpt.close()
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str,
@@ -360,7 +423,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run = setup(config, method, dataset=dataset)
   state, mesh, batches, method = run.state, run.mesh, run.batches, run.method
   n_dev, k = mesh.devices.size, config.train.steps_per_dispatch
-  predict = make_predict_fn(run.graphdef)
+  predict = make_predict_fn(run.graphdef, method.predict_hook)
+  # the method state evaluation needs (None unless the method has a predict_hook)
+  eval_state = lambda st: host_copy(st.method_state) if method.predict_hook else None
   base_rng = jax.random.key(config.seed)
   names = fault_names(method, state.method_state)
 
@@ -439,6 +504,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       outs.append(metrics)
     return state, jax.tree.map(lambda *xs: jax.numpy.stack(xs), *outs)
 
+  selector = (_ValidSelector(config, dataset, predict, workdir, state, base_rng, eval_state)
+              if config.eval.select == "valid" else None)
   bar = tqdm(total=steps, initial=start, disable=not is_main, desc="train", unit="step",
              dynamic_ncols=True)
   first_step_seconds, stopped, done = None, False, start
@@ -475,8 +542,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        "nonfinite_skipped": int(h.skipped),
                        "seconds": round(time.perf_counter() - t_session, 3)})
         if config.train.eval_every and done % config.train.eval_every == 0 and done < steps:
-          values = evaluate_split(predict, host_copy(state.params), dataset.splits["valid"],
-                                  config.eval.batch_size)
+          params, method_state = host_copy(state.params), eval_state(state)
+          values = evaluate_split(predict, params, dataset.splits["valid"],
+                                  config.eval.batch_size, method_state)
+          if selector is not None:
+            values["selection_score"] = selector.consider(done, state, params, method_state)
           write_log({"step": done, "split": "valid", **values})
         if save_now:
           save(done)
@@ -489,8 +559,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           stopped = True
           break
       health = check_health()
+      if selector is not None and not stopped:
+        selector.consider(done, state, host_copy(state.params), eval_state(state))  # final too
   finally:
     bar.close()
+    if selector is not None:
+      selector.close()
     if ckpt is not None:
       ckpt.close()
     if log_file is not None:
@@ -514,14 +588,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   split = dataset.splits[config.eval.split]
   conditions = eval_conditions(config, dataset.modality_names)
-  result = protocol.evaluate(lambda b: predict(final_params, device_batch(b)), split,
-                             conditions, batch_size=config.eval.batch_size,
+  final_method_state = eval_state(final_state)
+  if selector is not None:  # one checkpoint for every metric: the one chosen on valid
+    summary["selection"] = selector.summary()
+    final_params, final_method_state = selector.best_params, selector.best_method_state
+  result = protocol.evaluate(lambda b: predict(final_params, device_batch(b), final_method_state),
+                             split, conditions, batch_size=config.eval.batch_size,
                              seed=config.eval.seed,
                              progress=lambda it: tqdm(it, desc="protocol", unit="condition",
                                                       disable=not is_main, dynamic_ncols=True))
   headline = HEADLINE[dataset.task]
   summary["valid"] = evaluate_split(predict, final_params, dataset.splits["valid"],
-                                    config.eval.batch_size)
+                                    config.eval.batch_size, final_method_state)
   summary["protocol"] = result.to_dict()
   summary["headline_metric"] = headline
   record = {k: v for k, v in summary.items() if k not in ("final_params", "final_state")}

@@ -142,6 +142,17 @@ def test_lora_adds_exactly_r_times_in_plus_out_and_starts_as_the_base(rank, targ
   else:  # query, key, value, out of the one sequence encoders' attention: text, vision
     assert len(wrapped) == 2 * 4
   assert count(lora) - count(plain) == expected
+  # code that reads the kernel (model.self_attention) sees W + A B: the same function
+  key = jax.random.key(1)
+  for i, mod in enumerate(wrapped[:4]):
+    x = jax.random.normal(jax.random.fold_in(key, i), (2, 3) + mod.in_shape)
+    b = jax.random.normal(jax.random.fold_in(key, 100 + i), mod.lora_b.shape)
+    layer = nnx.clone(mod)
+    layer.lora_b[...] = b
+    flat_x = x.reshape(2, 3, -1)
+    flat_k = layer.kernel.reshape(flat_x.shape[-1], -1)
+    expect = (flat_x @ flat_k).reshape((2, 3) + mod.out_shape) + layer.bias[...]
+    np.testing.assert_allclose(layer(x), expect, rtol=1e-4, atol=1e-5)
   # B = 0 and the base weights drawn as without LoRA: the same function
   out = lambda mdl: mdl(batch["inputs"], batch["masks"], batch["presence"])["outputs"]
   np.testing.assert_array_equal(out(lora), out(plain))

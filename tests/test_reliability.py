@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from modalimmune_jax import train
-from modalimmune_jax.methods import Method, plain
-from modalimmune_jax.step import gather_batch, host_copy
+from modalimmune_jax.methods import plain
+from modalimmune_jax.step import gather_batch
 from tests.helpers import ROOT, flat, get_config, restore_state
 
 QUICK_EVAL = {"removals": "none", "missing_rates": (), "snrs_db": ()}

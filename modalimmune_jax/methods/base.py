@@ -26,7 +26,11 @@ A :class:`Method` is a small NamedTuple of pure functions, in the style of an
 * ``faults(old_state, new_state) -> {term: bool}``: which of the method's
   statistics went non-finite in this step's ``update`` (the step then
   applies nothing and counts it); default: each field of a NamedTuple
-  state with floating leaves, checked for finiteness.
+  state with floating leaves, checked for finiteness;
+* ``predict_hook(params, method_state) -> hook``: the ``embedding_hook`` that
+  evaluation runs the model with (:func:`modalimmune_jax.train.make_predict_fn`),
+  for a method whose prediction needs its state (EBR's test-time fill);
+  default None: the model alone.
 
 The train step (:mod:`modalimmune_jax.step`) carries one
 :class:`~modalimmune_jax.step.TrainState` (step, params, optimiser state,
@@ -75,6 +79,7 @@ class Method(NamedTuple):
   events: Callable[[int, Callable[[], dict]], list] | None = None
   objective: Callable[..., jax.Array] | None = None
   faults: Callable[[Any, Any], dict] | None = None
+  predict_hook: Callable[[Any, Any], Callable] | None = None
   post_transforms: tuple = ()
 
 

@@ -1,0 +1,287 @@
+"""Explicit basis reallocation (Chaudhuri et al., ICML 2025, arXiv 2505.22483).
+
+A REIMPLEMENTATION: the authors released no code. What is known is in
+``../shared/BASELINES.md`` ("Explicit basis reallocation"; the paper's
+Sec. 3.4, 4.4, App. C.1, C.7 as read by a removed third-party
+reimplementation). Carried to our model through its ``embedding_hook``:
+
+* per modality an encoder ``h_m: z_m -> g_m`` into a shared space (MLP
+  ``k -> hidden -> shared_dim``) and a decoder ``h_m^-1: g_m -> f_m`` back
+  (``shared_dim -> hidden -> k``); the fusion consumes the decoded ``f_m``
+  in place of the encoder output ``z_m``;
+* a modality classifier on ``g`` (``shared_dim -> hidden -> M``) trained
+  through a gradient-reversal layer (coefficient ``reversal``): cross-entropy
+  on the modality id over the present (sample, modality) cells, weight
+  ``adversarial_weight``; the classifier minimises it, everything before the
+  reversal (``h_m`` and the model's encoders) maximises it, so the shared
+  space becomes modality-indistinguishable;
+* a missing modality ``m`` is filled with ``h_m^-1(g_j)``, ``j`` the available
+  modality ranked most similar to ``m``: the mean cosine similarity of
+  ``g_m`` and ``g_j`` over training pairs where both are present (an
+  exponential moving average over training batches, ``similarity_decay``),
+  and the filled cell counts as present for the fusion. The same fill runs
+  in training (when a training batch lacks a modality) and at evaluation
+  (:attr:`Method.predict_hook`).
+
+How the extra parameters fit the plug-in (the step differentiates only the
+model's parameters): the EBR networks ``nets`` live in the method state with
+their own optimiser state (the model's optimiser, :func:`train.make_optimizer`,
+so the same schedule, clipping and weight decay). The model's parameters are
+trained by the step on the full objective (the nets constant); ``update``
+then takes the gradient of the same objective (same batch, same key) with
+respect to the nets at the updated model parameters and applies it: an
+alternating (block Gauss-Seidel) form of joint training, one extra forward
+pass and a backward pass through fusion, head and nets per step. Inside
+``shard_map`` the nets' objective is ``pmean``-ed before differentiation,
+exactly like the step's own objective, so N devices compute the global-batch
+mean gradient; the similarity sums and pair counts are ``psum``-ed.
+
+Example:
+  >>> method = ebr(model_fns, Settings(shared_dim=32, hidden=64), optax.adam(1e-3))
+  >>> state = method.init(params)
+  >>> hook = method.predict_hook(params, state)   # the test-time fill
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from modalimmune_jax.methods.base import Method, ModelFns, reconstruction_loss
+
+__all__ = ["Settings", "EBRState", "reverse_gradient", "init_nets", "encode", "decode",
+           "classify", "fill_sources", "ebr_hook", "adversarial_loss", "pair_similarity",
+           "ebr", "from_config"]
+
+
+class Settings(NamedTuple):
+  """``config.method.ebr``; sources in ``docs/method.md``."""
+  shared_dim: int = 512            # paper (via the third-party reimplementation)
+  hidden: int = 1024               # paper (idem)
+  adversarial_weight: float = 0.01  # paper (swept over [1e-3, 1])
+  reversal: float = 1.0            # paper: gradient-reversal coefficient
+  similarity_decay: float = 0.99   # ours: EMA of the per-batch mean cosine similarity
+  reconstruction_weight: float = 1.0
+
+
+class EBRState(NamedTuple):
+  """The method state: the EBR networks, their optimiser state, the ranking.
+
+  Attributes:
+    nets: ``{"enc": [..M], "dec": [..M], "cls": ...}``, each an MLP
+      ``[(W1, b1), (W2, b2)]`` (in the modality order).
+    opt_state: the nets' optimiser state.
+    similarity: ``(M, M)`` mean cosine similarity of ``g`` over training pairs.
+    seen: ``(M, M)`` 1 once a pair was seen (the EMA starts at its first value).
+  """
+  nets: Any
+  opt_state: Any
+  similarity: jax.Array
+  seen: jax.Array
+
+
+# -------------------------------------------------------- gradient reversal ----
+
+@jax.custom_vjp
+def _reverse(x, coeff):
+  return x
+
+
+def _reverse_fwd(x, coeff):
+  return x, coeff
+
+
+def _reverse_bwd(coeff, g):
+  return (-coeff * g, jnp.zeros_like(coeff))
+
+
+_reverse.defvjp(_reverse_fwd, _reverse_bwd)
+
+
+def reverse_gradient(x: jax.Array, coeff: float = 1.0) -> jax.Array:
+  """Identity forward; the backward pass multiplies the cotangent by ``-coeff``
+  (Ganin & Lempitsky's gradient-reversal layer)."""
+  return _reverse(x, jnp.asarray(coeff, x.dtype))
+
+
+# ---------------------------------------------------------------- networks ----
+
+def _mlp_init(key, sizes, dtype=jnp.float32):
+  layers = []
+  for k, (a, b) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
+    w = jax.random.normal(k, (a, b), dtype) * jnp.sqrt(1.0 / a).astype(dtype)  # LeCun normal
+    layers.append((w, jnp.zeros((b,), dtype)))
+  return layers
+
+
+def _mlp(layers, x):
+  for i, (w, b) in enumerate(layers):
+    x = x @ w + b
+    if i < len(layers) - 1:
+      x = jax.nn.gelu(x)
+  return x
+
+
+def init_nets(key: jax.Array, num_modalities: int, width: int, shared_dim: int,
+              hidden: int) -> dict:
+  """Per-modality encoders ``width -> hidden -> shared_dim`` and decoders back,
+  and the modality classifier ``shared_dim -> hidden -> M``."""
+  k_enc, k_dec, k_cls = jax.random.split(key, 3)
+  m = num_modalities
+  return {
+      "enc": [_mlp_init(k, (width, hidden, shared_dim)) for k in jax.random.split(k_enc, m)],
+      "dec": [_mlp_init(k, (shared_dim, hidden, width)) for k in jax.random.split(k_dec, m)],
+      "cls": _mlp_init(k_cls, (shared_dim, hidden, m)),
+  }
+
+
+def encode(nets: dict, z: jax.Array) -> jax.Array:
+  """``g = (h_m(z_m))_m``: ``(B, M, k) -> (B, M, shared_dim)``."""
+  return jnp.stack([_mlp(e, z[:, j]) for j, e in enumerate(nets["enc"])], axis=1)
+
+
+def decode(nets: dict, g: jax.Array) -> jax.Array:
+  """``(h_m^-1(g[:, m]))_m``: the decoder of column ``m`` applied to column ``m``."""
+  return jnp.stack([_mlp(d, g[:, j]) for j, d in enumerate(nets["dec"])], axis=1)
+
+
+def classify(nets: dict, g: jax.Array) -> jax.Array:
+  """Modality logits ``(B, M, M)`` of every shared-space vector."""
+  return _mlp(nets["cls"], g)
+
+
+def fill_sources(similarity: jax.Array, available: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """For each (sample, modality m): the available modality ``j != m`` with the
+  largest ``similarity[m, j]`` (ties: the first), and whether there is one.
+
+  Returns ``(source (B, M) int32, has_source (B, M) bool)``.
+  """
+  m = similarity.shape[0]
+  candidates = available[:, None, :] & ~jnp.eye(m, dtype=bool)[None]
+  score = jnp.where(candidates, similarity[None].astype(jnp.float32), -jnp.inf)
+  return jnp.argmax(score, axis=-1).astype(jnp.int32), jnp.any(candidates, axis=-1)
+
+
+def ebr_hook(nets: dict, similarity: jax.Array):
+  """The ``embedding_hook``: present modalities become ``h_m^-1(h_m(z_m))``; a
+  missing modality ``m`` becomes ``h_m^-1(g_j)`` with ``j`` from
+  :func:`fill_sources` (and counts as present); a sample with nothing
+  available keeps its cells as they were."""
+  def hook(z, present):
+    g = encode(nets, z)
+    own = decode(nets, g)
+    source, has = fill_sources(similarity, present)
+    g_src = jnp.take_along_axis(g, source[..., None], axis=1)  # (B, M, S): g of m's source
+    filled = decode(nets, g_src)
+    f = jnp.where(present[..., None], own, jnp.where(has[..., None], filled, z))
+    return f.astype(z.dtype), present | has
+  return hook
+
+
+def adversarial_loss(nets: dict, g: jax.Array, present: jax.Array,
+                     reversal: float | None = 1.0) -> jax.Array:
+  """Mean modality-id cross-entropy over present cells of ``classify(R(g))``, ``R``
+  the gradient reversal with coefficient ``reversal`` (None: no reversal)."""
+  m = g.shape[1]
+  if reversal is not None:
+    g = reverse_gradient(g, reversal)
+  logits = classify(nets, g)
+  labels = jnp.broadcast_to(jnp.arange(m), logits.shape[:2])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  w = present.astype(ce.dtype)
+  return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def pair_similarity(g: jax.Array, present: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(sums, counts)``, each ``(M, M)``: the sum of ``cos(g_m, g_j)`` over the
+  samples where both ``m`` and ``j`` are present, and their number."""
+  unit = g / jnp.maximum(jnp.linalg.norm(g, axis=-1, keepdims=True), 1e-8)
+  cos = jnp.einsum("bms,bjs->bmj", unit, unit)
+  both = (present[:, :, None] & present[:, None, :]).astype(g.dtype)
+  return jnp.sum(cos * both, 0), jnp.sum(both, 0)
+
+
+# ------------------------------------------------------------------ method ----
+
+def ebr(model: ModelFns, settings: Settings = Settings(),
+        optimizer: optax.GradientTransformation | None = None,
+        width: int | None = None, seed: int = 0) -> Method:
+  """Explicit basis reallocation (reimplementation).
+
+  Args:
+    model: the model as pure functions.
+    settings: :class:`Settings`.
+    optimizer: the nets' optax optimiser (default ``optax.adamw(1e-3)``).
+    width: the embedding width ``k`` (default: read from the parameters).
+    seed: the nets' initialisation seed.
+  """
+  s = settings
+  m = len(model.names)
+  tx = optimizer if optimizer is not None else optax.adamw(1e-3)
+
+  def objective(params, nets, similarity, batch, rng, axis_name):
+    out = model.apply(params, batch, rng, hook=ebr_hook(nets, similarity), axis_name=axis_name)
+    task = model.task_loss(out["outputs"], batch["labels"])
+    recon = reconstruction_loss(out, batch["presence"])
+    g = encode(nets, out["embeddings"])
+    adv = adversarial_loss(nets, g, batch["presence"], s.reversal)
+    total = task + s.reconstruction_weight * recon + s.adversarial_weight * adv
+    return total, {"task_loss": task, "recon_loss": recon, "ebr_adversarial": adv}, g
+
+  def init(params):
+    k = width
+    if k is None:
+      k = jax.tree.leaves(params["modality_embed"])[0].shape[-1]
+    nets = init_nets(jax.random.key(seed), m, k, s.shared_dim, s.hidden)
+    return EBRState(nets, tx.init(nets), jnp.zeros((m, m), jnp.float32),
+                    jnp.zeros((m, m), jnp.float32))
+
+  def loss(params, state, batch, rng, axis_name=None):
+    total, metrics, _ = objective(params, state.nets, state.similarity, batch, rng, axis_name)
+    return total, 0.0, metrics
+
+  def update(state, params, batch, rng, step, axis_name=None):
+    frozen = jax.lax.stop_gradient(params)
+
+    def nets_objective(nets):
+      total, _, g = objective(frozen, nets, state.similarity, batch, rng, axis_name)
+      if axis_name is not None:
+        total = jax.lax.pmean(total, axis_name)
+      return total, g
+
+    (value, g), grads = jax.value_and_grad(nets_objective, has_aux=True)(state.nets)
+    updates, opt_state = tx.update(grads, state.opt_state, state.nets)
+    nets = optax.apply_updates(state.nets, updates)
+    sums, counts = pair_similarity(jax.lax.stop_gradient(g), batch["presence"].astype(bool))
+    if axis_name is not None:
+      sums, counts = jax.lax.psum((sums, counts), axis_name)
+    batch_mean = sums / jnp.maximum(counts, 1.0)
+    decay = s.similarity_decay
+    ema = jnp.where(state.seen > 0, decay * state.similarity + (1 - decay) * batch_mean,
+                    batch_mean)
+    similarity = jnp.where(counts > 0, ema, state.similarity)
+    seen = jnp.maximum(state.seen, (counts > 0).astype(state.seen.dtype))
+    off = ~jnp.eye(m, dtype=bool)
+    metrics = {"ebr_nets_loss": value,
+               "ebr_mean_similarity": jnp.sum(jnp.where(off, similarity, 0.0))
+               / max(m * (m - 1), 1)}
+    return EBRState(nets, opt_state, similarity, seen), metrics
+
+  def predict_hook(params, state):
+    return ebr_hook(state.nets, state.similarity)
+
+  return Method("ebr", init=init, loss=loss, update=update, predict_hook=predict_hook)
+
+
+def from_config(config, model: ModelFns, dataset) -> Method:
+  from modalimmune_jax.train import make_optimizer  # the model's optimiser, same schedule
+  e = config.method.ebr
+  settings = Settings(shared_dim=e.shared_dim, hidden=e.hidden,
+                      adversarial_weight=e.adversarial_weight, reversal=e.reversal,
+                      similarity_decay=e.similarity_decay,
+                      reconstruction_weight=config.method.reconstruction_weight)
+  return ebr(model, settings, make_optimizer(config), width=config.model.hidden,
+             seed=config.seed + 1)
