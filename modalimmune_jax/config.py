@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0      # global-norm clip; 0 = off
 
   c.method = ml_collections.ConfigDict()
-  c.method.name = "plain"               # plain | dropout | modalimmune | consistency | ebr | distill
+  c.method.name = "plain"               # plain | dropout | modalimmune | consistency | ebr | distill | cmpt
   c.method.reconstruction_weight = 1.0  # mu, used when model.reconstruction
   c.method.dropout = ml_collections.ConfigDict()
   c.method.dropout.rate = 0.3           # per (sample, modality), at least one kept
@@ -102,6 +102,19 @@ def base_config() -> ml_collections.ConfigDict:
   di.weight = 1.0                # ours: weight of the feature MSE (BASELINES.md: feature MSE)
   di.target = "modality"         # modality (teacher's z_m, per modality) | fused (teacher's fused)
   di.dropout_rate = 0.0          # ours: modality dropout on the student's batch (0 = off)
+  # Cross-modal proxy tokens (Reza et al., TMLR, arXiv 2501.17823; a reimplementation,
+  # sources in docs/method.md: "paper", or "ours" where the paper is silent or ours differs).
+  # method.name = "cmpt" also builds the model's parts (proxy tokens, LoRA, gate).
+  cm = c.method.cmpt = ml_collections.ConfigDict()
+  cm.pretrain_fraction = 0.5  # ours: plain steps before the freeze (paper: pretrained encoders)
+  cm.train_rate = 0.7         # paper: trained at sample-eta 0.7 (MAP protocol)
+  cm.patterns = "any"         # paper (MAP "both": text or image missing); any | single
+  cm.align_weight = 0.2       # paper
+  cm.distance = "mse"         # ours (paper does not state it): mse | l1 | cosine
+  cm.lora_rank = 1            # paper (ablation); 0 = no LoRA (encoders still frozen)
+  cm.lora_targets = "linear"  # ours: every encoder linear layer (paper: attention
+                              # projections = "attention"; vector encoders have none)
+  cm.gated_fusion = True      # paper
   mi = c.method.modalimmune = ml_collections.ConfigDict()
   mi.collapse = True            # collapse regulariser lambda * sum alpha_m R(z_m)
   mi.collapse_weight = 0.1      # lambda (initial value under BHGD)
@@ -220,8 +233,12 @@ _CHOICES = {
     "data.name": ("synthetic", "mfeat", "mosi", "mosei", "iemocap"),
     "data.synthetic.task": ("classification", "regression"),
     "optim.schedule": ("cosine", "constant"),
-    "method.name": ("plain", "dropout", "modalimmune", "consistency", "ebr", "distill"),
+    "method.name": ("plain", "dropout", "modalimmune", "consistency", "ebr", "distill",
+                    "cmpt"),
     "method.distill.target": ("modality", "fused"),
+    "method.cmpt.patterns": ("any", "single"),
+    "method.cmpt.distance": ("mse", "l1", "cosine"),
+    "method.cmpt.lora_targets": ("linear", "attention"),
     "method.consistency.divergence": ("kl", "js", "js_authors"),
     "method.modalimmune.intervention": ("collapse", "drop", "drop_cells"),
     "method.modalimmune.mask_mode": ("hard", "soft"),
@@ -264,6 +281,9 @@ _INTERVALS = {
     "method.distill.teacher_fraction": (0.0, 1.0, True, True),
     "method.distill.weight": (0.0, float("inf"), False, True),
     "method.distill.dropout_rate": (0.0, 1.0, False, True),
+    "method.cmpt.pretrain_fraction": (0.0, 1.0, False, True),
+    "method.cmpt.train_rate": (0.0, 1.0, False, False),
+    "method.cmpt.align_weight": (0.0, float("inf"), False, True),
 }
 
 
@@ -342,6 +362,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
     raise ConfigError("config key 'method.consistency.pgd_steps' must be an integer >= 0, "
                       f"got {steps!r}")
+  rank = given["method.cmpt.lora_rank"]
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+    raise ConfigError(f"config key 'method.cmpt.lora_rank' must be an integer >= 0, got {rank!r}")
   draws = given["eval.draws"]
   if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
     raise ConfigError(f"config key 'eval.draws' must be a positive integer, got {draws!r}")

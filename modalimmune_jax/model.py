@@ -21,6 +21,16 @@ A missing modality (``presence`` False) never reaches the fusion through its
 encoder: its token is the property vector and/or reconstruction, or, with
 neither, it is masked out of the fusion attention and the mean.
 
+CMPT's parts (:mod:`modalimmune_jax.methods.cmpt`), off by default:
+
+* **proxy tokens** (``proxy_tokens``): a missing modality's embedding is
+  replaced, after ``embedding_hook``, by its cross-modal proxy
+  (:class:`ProxyTokens`), read from the present modalities' frames;
+* **LoRA** (``lora_rank`` > 0): the encoders' linear layers wrapped in
+  :class:`LoRA` (``lora_targets``: every linear layer or the attention ones);
+* **gated fusion** (``gated_fusion``): :class:`GatedFusion` instead of the
+  masked mean of the fused tokens.
+
 ``embedding_hook(z, presence) -> (z, presence)`` lets a method intervene on the
 per-modality embeddings between the encoders and the fusion (ModalImmune's
 destructive intervention plugs in there).
@@ -32,9 +42,11 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-__all__ = ["MultimodalModel", "masked_mean", "self_attention"]
+__all__ = ["MultimodalModel", "masked_mean", "self_attention", "LoRA", "add_lora",
+           "ProxyTokens", "GatedFusion"]
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
@@ -130,16 +142,22 @@ class Encoder(nnx.Module):
       self.hidden = nnx.Linear(dim, dim, rngs=rngs)
     self.norm = nnx.LayerNorm(dim, rngs=rngs)
 
-  def __call__(self, x, mask, *, train: bool, rngs):
+  def states(self, x, mask, *, train: bool, rngs):
+    """Per-frame states before pooling: ``(B, L, k)``; ``(B, 1, k)`` for vectors."""
     h = self.proj(x)
     if self.sequence:
       h = h + self.pos[...]
       for block in self.blocks:
         h = block(h, mask, train=train, rngs=rngs)
-      pooled = masked_mean(h, mask, axis=1)
-    else:
-      pooled = h[:, 0] + self.hidden(jax.nn.gelu(h[:, 0]))
-    return self.norm(pooled)
+      return h
+    return (h[:, 0] + self.hidden(jax.nn.gelu(h[:, 0])))[:, None]
+
+  def pool(self, h, mask):
+    """The pooled embedding ``(B, k)`` of :meth:`states`."""
+    return self.norm(masked_mean(h, mask, axis=1) if self.sequence else h[:, 0])
+
+  def __call__(self, x, mask, *, train: bool, rngs):
+    return self.pool(self.states(x, mask, train=train, rngs=rngs), mask)
 
 
 class Reconstructor(nnx.Module):
@@ -161,6 +179,7 @@ class MultimodalModel(nnx.Module):
     hidden: embedding width ``k``.
     encoder_layers, fusion_layers, num_heads, mlp_ratio, dropout: sizes.
     property_vectors, reconstruction: the optional ModalImmune parts.
+    proxy_tokens, lora_rank, lora_targets, gated_fusion: CMPT's parts.
     rngs: ``nnx.Rngs`` for the initialisation.
 
   Example:
@@ -174,7 +193,8 @@ class MultimodalModel(nnx.Module):
                *, hidden: int = 64, encoder_layers: int = 1, fusion_layers: int = 1,
                num_heads: int = 4, mlp_ratio: int = 2, dropout: float = 0.0,
                property_vectors: bool = False, reconstruction: bool = False,
-               rngs: nnx.Rngs):
+               proxy_tokens: bool = False, lora_rank: int = 0, lora_targets: str = "linear",
+               gated_fusion: bool = False, rngs: nnx.Rngs):
     if task not in ("regression", "classification", "multilabel"):
       raise ValueError(f"unknown task {task!r}")
     if hidden % num_heads:
@@ -197,22 +217,38 @@ class MultimodalModel(nnx.Module):
     self.norm = nnx.LayerNorm(hidden, rngs=rngs)
     out = num_outputs * 2 if task == "multilabel" else num_outputs
     self.head = nnx.Linear(hidden, out, rngs=rngs)
+    # CMPT's parts (methods/cmpt.py), off by default: other parameter trees unchanged
+    self.use_proxy, self.use_gate = proxy_tokens, gated_fusion
+    if lora_rank:
+      for m in self.names:
+        add_lora(self.encoders[m], lora_rank, lora_targets, rngs=rngs)
+    if proxy_tokens:
+      self.proxies = ProxyTokens(self.names, hidden, num_heads, rngs=rngs)
+    if gated_fusion:
+      self.gate = GatedFusion(num, hidden, rngs=rngs)
 
   def __call__(self, inputs: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
                presence: jax.Array, *, train: bool = False, rngs: Any = None,
                embedding_hook: Callable | None = None) -> dict[str, jax.Array]:
     """Returns ``outputs``, ``embeddings`` ``(B, M, k)`` (the encoders' output,
     before ``embedding_hook``), ``fused``, ``presence`` (after the hook) and,
-    with the generator, ``reconstructions`` (from the hooked embeddings)."""
+    with the generator, ``reconstructions`` (from the hooked embeddings); with
+    proxy tokens, ``proxy_pairs``, ``proxies`` and ``proxy_filled``
+    (:meth:`ProxyTokens.substitute`)."""
     missing = [m for m in self.names if m not in inputs]
     if missing:
       raise KeyError(f"batch lacks modalities {missing}; model has {self.names}")
-    z = jnp.stack([self.encoders[m](inputs[m], masks[m], train=train, rngs=rngs)
-                   for m in self.names], axis=1)
+    states = {m: self.encoders[m].states(inputs[m], masks[m], train=train, rngs=rngs)
+              for m in self.names}
+    z = jnp.stack([self.encoders[m].pool(states[m], masks[m]) for m in self.names], axis=1)
     present = presence.astype(bool)
     result = {"embeddings": z}  # what the encoders produced, before any intervention
     if embedding_hook is not None:
       z, present = embedding_hook(z, present)
+    result["presence"] = present
+    if self.use_proxy:  # a missing modality's embedding is its proxy (CMPT)
+      z, present, proxies = self.proxies.substitute(states, masks, z, present)
+      result.update(proxies)
     tokens = jnp.where(present[..., None], z, 0.0)
     fill = jnp.zeros_like(z)
     if self.use_reconstruction:
@@ -233,11 +269,149 @@ class MultimodalModel(nnx.Module):
     available = jnp.ones_like(present) if filled else present
     for block in self.fusion:  # every token is available when filled: no mask
       tokens = block(tokens, None if filled else available, train=train, rngs=rngs)
-    fused = self.norm(masked_mean(tokens, available, axis=1))
+    fused = self.norm(self.gate(tokens, available) if self.use_gate
+                      else masked_mean(tokens, available, axis=1))
     out = self.head(fused)
     if self.task == "regression":
       out = out[:, 0]
     elif self.task == "multilabel":
       out = out.reshape(out.shape[0], self.num_outputs, 2)
-    result.update(outputs=out, fused=fused, presence=present)
+    result.update(outputs=out, fused=fused)
     return result
+
+
+# ------------------------------------------- CMPT's parts (methods/cmpt.py) ----
+
+class LoRA(nnx.Module):
+  """``base(x) + (x A) B``: a rank-``r`` update of a linear layer.
+
+  ``base`` is an ``nnx.Linear`` or an ``nnx.LinearGeneral`` contracting the
+  trailing axes of ``x`` (the attention projections); ``A`` is
+  ``(d_in, r)`` with ``N(0, 1 / d_in)`` entries and ``B`` ``(r, d_out)`` zeros,
+  so the wrapped layer starts equal to ``base`` (Hu et al. 2021). Adds
+  ``r (d_in + d_out)`` parameters (``lora_a``, ``lora_b``).
+  """
+
+  def __init__(self, base: nnx.Module, rank: int, *, rngs: nnx.Rngs):
+    if isinstance(base, nnx.LinearGeneral):
+      in_shape, out_shape = tuple(base.in_features), tuple(base.out_features)
+      if tuple(base.axis) != tuple(range(-len(in_shape), 0)):
+        raise ValueError(f"LoRA needs the trailing axes contracted, got axis {base.axis}")
+    else:
+      in_shape, out_shape = (base.in_features,), (base.out_features,)
+    self.base = base
+    self.in_shape, self.out_shape = in_shape, out_shape
+    d_in = int(np.prod(in_shape))
+    d_out = int(np.prod(out_shape))
+    self.lora_a = nnx.Param(jax.random.normal(rngs.params(), (d_in, rank)) / np.sqrt(d_in))
+    self.lora_b = nnx.Param(jnp.zeros((rank, d_out)))
+
+  @property
+  def kernel(self) -> jax.Array:
+    """The effective kernel ``W + A B`` in the base's shape (for code that reads
+    the kernel instead of calling the layer, e.g. :func:`self_attention`)."""
+    w = self.base.kernel[...]
+    return w + (self.lora_a[...] @ self.lora_b[...]).reshape(w.shape).astype(w.dtype)
+
+  @property
+  def bias(self):
+    return self.base.bias
+
+  def __call__(self, x, **kwargs):  # kwargs (e.g. out_sharding) go to the base layer
+    lead = x.shape[:x.ndim - len(self.in_shape)]
+    delta = (x.reshape(*lead, -1) @ self.lora_a[...]) @ self.lora_b[...]
+    y = self.base(x, **kwargs)
+    return y + delta.reshape(*lead, *self.out_shape).astype(y.dtype)
+
+
+LORA_TARGETS = ("linear", "attention")
+
+
+def add_lora(module: nnx.Module, rank: int, targets: str = "linear", *, rngs: nnx.Rngs,
+             _attention: bool = False) -> int:
+  """Wraps the linear layers under ``module`` in :class:`LoRA`, in place.
+
+  ``targets``: ``"linear"`` every ``nnx.Linear`` / ``nnx.LinearGeneral``;
+  ``"attention"`` only those inside an ``nnx.MultiHeadAttention`` (query,
+  key, value, out). Returns the number of layers wrapped.
+  """
+  if targets not in LORA_TARGETS:
+    raise ValueError(f"lora targets must be one of {LORA_TARGETS}, got {targets!r}")
+  wrapped = 0
+  for key, child in list(nnx.iter_children(module)):
+    if not isinstance(child, nnx.Module) or isinstance(child, LoRA):
+      continue
+    if isinstance(child, (nnx.Linear, nnx.LinearGeneral)):
+      if targets == "linear" or _attention:
+        lora = LoRA(child, rank, rngs=rngs)
+        if isinstance(module, nnx.List):
+          module[key] = lora
+        else:
+          setattr(module, key, lora)
+        wrapped += 1
+    else:
+      wrapped += add_lora(child, rank, targets, rngs=rngs,
+                          _attention=_attention or isinstance(child, nnx.MultiHeadAttention))
+  return wrapped
+
+
+class ProxyTokens(nnx.Module):
+  """Cross-modal proxy tokens (a reimplementation of Reza et al., arXiv 2501.17823).
+
+  One learned query per (source ``a`` -> target ``m``) pair reads the source
+  encoder's frame states (:meth:`Encoder.states`) with one multi-head
+  attention per source, under the source's frame mask (padded and missing
+  frames are never read); a LayerNorm per target (the encoders end in one)
+  gives the proxy of ``z_m``. The queries only read: no frame attends to them.
+  """
+
+  def __init__(self, names: tuple[str, ...], dim: int, heads: int, *, rngs: nnx.Rngs):
+    self.names = tuple(names)
+    num = len(self.names)
+    self.queries = nnx.Param(0.02 * jax.random.normal(rngs.params(), (num, num, dim)))
+    self.attn = nnx.Dict({m: nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+                          for m in self.names})
+    self.norm = nnx.Dict({m: nnx.LayerNorm(dim, rngs=rngs) for m in self.names})
+
+  def __call__(self, states: Mapping[str, jax.Array], masks: Mapping[str, jax.Array]):
+    """``(B, M_source, M_target, k)``: every pair's proxy (the diagonal unused)."""
+    reads = []
+    for a, m in enumerate(self.names):
+      h = states[m]
+      q = jnp.broadcast_to(self.queries[a][None], (h.shape[0],) + self.queries.shape[1:])
+      reads.append(self.attn[m](q.astype(h.dtype), h, h, mask=masks[m][:, None, None, :],
+                                deterministic=True))
+    pairs = jnp.stack(reads, axis=1)
+    return jnp.stack([self.norm[m](pairs[:, :, j]) for j, m in enumerate(self.names)], axis=2)
+
+  def substitute(self, states, masks, z, present):
+    """``(z, present, extra)``: a missing modality's embedding replaced by the
+    mean of its proxies over the present sources (and marked present when it
+    has one); ``extra``: ``proxy_pairs`` ``(B, M, M, k)``, ``proxies``
+    ``(B, M, k)``, ``proxy_filled`` ``(B, M)``."""
+    pairs = self(states, masks)
+    sources = present[:, :, None] & ~jnp.eye(len(self.names), dtype=bool)[None]
+    w = sources.astype(z.dtype)
+    count = jnp.sum(w, axis=1)
+    proxy = jnp.einsum("bam,bamk->bmk", w, pairs) / jnp.maximum(count, 1.0)[..., None]
+    fill = ~present & (count > 0)
+    z = jnp.where(fill[..., None], proxy, z)
+    return z, present | fill, {"proxy_pairs": pairs, "proxies": proxy, "proxy_filled": fill}
+
+
+class GatedFusion(nnx.Module):
+  """``sum_m g_m * t_m`` with per-feature gates ``g = softmax_m(W [t_1; ...; t_M])``
+  over the available tokens; for ``M = 2`` this is ``g * a + (1 - g) * b`` with
+  ``g = sigmoid(W' [a; b])``. ``W`` starts at zero: the gate starts as the
+  masked mean."""
+
+  def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs):
+    self.proj = nnx.Linear(num * dim, num * dim, kernel_init=nnx.initializers.zeros,
+                           rngs=rngs)
+
+  def __call__(self, tokens: jax.Array, available: jax.Array) -> jax.Array:
+    b, num, k = tokens.shape
+    logits = self.proj(tokens.reshape(b, num * k)).reshape(b, num, k)
+    logits = jnp.where(available[..., None], logits, jnp.finfo(logits.dtype).min)
+    g = jax.nn.softmax(logits, axis=1) * available[..., None].astype(tokens.dtype)
+    return jnp.sum(g * tokens, axis=1)

@@ -41,6 +41,7 @@ from modalimmune_jax import config as config_lib
 from modalimmune_jax.config import validate_config
 from modalimmune_jax.methods.base import Method, ModelFns
 from modalimmune_jax.metrics import HEADLINE
+from modalimmune_jax.methods.cmpt import model_parts as cmpt_model_parts
 from modalimmune_jax.model import MultimodalModel
 from modalimmune_jax.plots import plot_protocol
 from modalimmune_jax.provenance import provenance
@@ -97,6 +98,7 @@ def build_model(config: ml_collections.ConfigDict, dataset: data_lib.MultimodalD
       hidden=m.hidden, encoder_layers=m.encoder_layers, fusion_layers=m.fusion_layers,
       num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
       property_vectors=m.property_vectors, reconstruction=m.reconstruction,
+      **cmpt_model_parts(config),
       rngs=nnx.Rngs(config.seed if seed is None else seed))
 
 
@@ -185,7 +187,8 @@ def setup(config: ml_collections.ConfigDict,
   ``method`` defaults to the one ``config.method.name`` names; a callable
   ``model_fns -> Method`` builds a custom one. ``optimizer`` defaults to
   :func:`make_optimizer`; the method's transforms are put in front of it
-  either way. ``num_devices`` defaults to ``config.train.num_devices``.
+  either way (and its ``post_transforms`` after it). ``num_devices`` defaults to
+  ``config.train.num_devices``.
   """
   dataset = dataset or load_data(config)
   mesh = make_mesh(config.train.num_devices if num_devices is None else num_devices)
@@ -201,6 +204,8 @@ def setup(config: ml_collections.ConfigDict,
     method = method(model)
   optimizer = (make_optimizer(config, method.transforms) if optimizer is None
                else optax.chain(*method.transforms, optimizer))
+  if method.post_transforms:
+    optimizer = optax.chain(optimizer, *method.post_transforms)
   state = jax.device_put(init_state(params, optimizer, method), NamedSharding(mesh, P()))
   t = config.train
   max_bad = 1 if t.on_nonfinite == "stop" else t.max_nonfinite

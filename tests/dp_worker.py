@@ -3,6 +3,7 @@
     python tests/dp_worker.py devices OUT.npz               (XLA_FLAGS sets N CPU devices)
     python tests/dp_worker.py modalimmune OUT.npz           (the same, ModalImmune)
     python tests/dp_worker.py consistency OUT.npz           (the same, consistency regularisation)
+    python tests/dp_worker.py cmpt OUT.npz                  (the same, CMPT across its freeze)
     python tests/dp_worker.py process OUT.npz PORT NPROC PID  (jax.distributed over gloo)
 
 Writes the flat final parameters of the N-device (and, for ``devices``, the
@@ -61,6 +62,8 @@ def worker_config(method="plain"):
   if method == "consistency":  # every perturbation, and a PGD step that moves delta
     co = config.method.consistency
     co.weight, co.pgd_eps, co.pgd_step_size = 0.5, 0.05, 10.0
+  if method == "cmpt":  # 2 plain steps, then 2 with sample-eta drops and alignment
+    config.method.cmpt.pretrain_fraction = 2 / config.train.steps
   return config
 
 
@@ -77,7 +80,7 @@ def main():
       np.savez(out, params=params, devices=n, processes=jax.process_count())
     jax.distributed.shutdown()
   else:
-    method = mode if mode in ("modalimmune", "consistency") else "plain"
+    method = mode if mode in ("modalimmune", "consistency", "cmpt") else "plain"
     many, n, state = run_steps(worker_config(method))
     one, _, _ = run_steps(worker_config(method), num_devices=1)
     extra = {}

@@ -20,12 +20,13 @@ def _env(xla_flags=""):
   return env
 
 
-@pytest.mark.parametrize("mode", ["devices", "modalimmune", "consistency"])
+@pytest.mark.parametrize("mode", ["devices", "modalimmune", "consistency", "cmpt"])
 def test_four_devices_match_one(tmp_path, mode):
   """Plain, ModalImmune (controller, interventions, collapse penalty,
-  curvature mask and BHGD all active) and consistency regularisation (zero /
-  noise / swap copies drawn for the global batch, PGD) give the same SGD
-  update on 4 devices."""
+  curvature mask and BHGD all active), consistency regularisation (zero /
+  noise / swap copies drawn for the global batch, PGD) and CMPT (plain steps,
+  then the freeze, sample-eta drops drawn for the global batch, alignment)
+  give the same SGD update on 4 devices."""
   out = str(tmp_path / "dev.npz")
   proc = subprocess.run([sys.executable, WORKER, mode, out], capture_output=True,
                         text=True, timeout=300,

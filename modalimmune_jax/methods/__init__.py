@@ -6,7 +6,7 @@ loop only sees the :class:`~modalimmune_jax.methods.base.Method` it returns.
 
 from __future__ import annotations
 
-from modalimmune_jax.methods import consistency, distill, dropout, ebr, modalimmune, plain
+from modalimmune_jax.methods import cmpt, consistency, distill, dropout, ebr, modalimmune, plain
 from modalimmune_jax.methods.base import Method, ModelFns, reconstruction_loss, task_loss
 
 __all__ = ["Method", "ModelFns", "task_loss", "reconstruction_loss", "METHODS", "from_config"]
@@ -19,6 +19,7 @@ METHODS = {
     "consistency": consistency.from_config,
     "ebr": ebr.from_config,          # reimplementation (no official code)
     "distill": distill.from_config,  # reimplementation (no official code)
+    "cmpt": cmpt.from_config,
 }
 
 

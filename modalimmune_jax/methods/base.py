@@ -13,6 +13,9 @@ A :class:`Method` is a small NamedTuple of pure functions, in the style of an
   (method_state, metrics)``: runs inside the jitted step after the parameter
   update (periodic work is gated with ``lax.cond`` on ``step``);
 * ``transforms``: optax transformations put in front of the optimiser;
+* ``post_transforms``: optax transformations put after it (on the final
+  updates: e.g. zeroing a frozen parameter's update, which a transform in
+  front cannot do against AdamW's momentum and weight decay);
 * ``split_destructive``: the step passes the gradient of ``destructive`` to
   the optimiser as the extra argument ``destructive``;
 * ``events(step, get_metrics) -> list[dict]``: host side, records for
@@ -77,6 +80,7 @@ class Method(NamedTuple):
   objective: Callable[..., jax.Array] | None = None
   faults: Callable[[Any, Any], dict] | None = None
   predict_hook: Callable[[Any, Any], Callable] | None = None
+  post_transforms: tuple = ()
 
 
 def task_loss(task: str, outputs: jax.Array, labels: jax.Array,
@@ -89,17 +93,25 @@ def task_loss(task: str, outputs: jax.Array, labels: jax.Array,
   return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
 
 
-def reconstruction_loss(out: dict, present: jax.Array) -> jax.Array:
+def reconstruction_loss(out: dict, present: jax.Array,
+                        axis_name: str | None = None) -> jax.Array:
   """Mean over present (sample, modality) cells of ``||r_m - sg(z_m)||^2 / k``.
 
   ``out`` is the model's output (``reconstructions``, ``embeddings``); 0 when
-  the model has no reconstruction generator.
+  the model has no reconstruction generator. With ``axis_name`` (inside
+  ``shard_map``) the denominator is the device mean of the cell counts, so the
+  step's ``pmean`` is the global-batch mean even when the devices hold
+  different numbers of present cells (random removals); without it, each
+  device's own count.
   """
   if "reconstructions" not in out:
     return jnp.zeros([], out["outputs"].dtype)
   present = present.astype(out["embeddings"].dtype)
   err = jnp.mean((out["reconstructions"] - jax.lax.stop_gradient(out["embeddings"])) ** 2, -1)
-  return jnp.sum(err * present) / jnp.maximum(jnp.sum(present), 1.0)
+  count = jnp.sum(present)
+  if axis_name is not None:
+    count = jax.lax.pmean(count, axis_name)
+  return jnp.sum(err * present) / jnp.maximum(count, 1.0)
 
 
 def global_batch_size(batch: dict, axis_name: str | None) -> int:
