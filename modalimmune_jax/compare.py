@@ -64,6 +64,10 @@ SEARCH: dict[str, list[dict[str, Any]]] = {
                      "method.modalimmune.p_destroy": 0.5}],
     # the authors' defaults (w 0.01, eps 1e-3 on LLM token embeddings) and two
     # larger scales for our layer-normalised encoder outputs
+    # ebr: its adversarial weight; distill: its weight; cmpt: its alignment weight
+    "ebr": [{"method.ebr.adversarial_weight": w} for w in (0.01, 0.1, 1.0)],
+    "distill": [{"method.distill.weight": w} for w in (0.1, 1.0, 10.0)],
+    "cmpt": [{"method.cmpt.align_weight": w} for w in (0.05, 0.2, 1.0)],
     "consistency": [{"method.consistency.weight": 0.01, "method.consistency.pgd_eps": 1e-3},
                     {"method.consistency.weight": 0.1, "method.consistency.pgd_eps": 1e-2},
                     {"method.consistency.weight": 1.0, "method.consistency.pgd_eps": 0.1}],
