@@ -156,7 +156,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_devices = 0        # 0 = all local devices
   c.train.stop_after = 0         # stop (as if killed) after this step; 0 = off
   c.train.steps_per_dispatch = 1  # k steps per compiled call (lax.scan); intervals % k == 0
-  c.train.device_data = True     # training split on the device, batches gathered in the step
+  # where batches are gathered: device (the training split lives on the device, batches
+  # gathered inside the compiled step) | host (gathered on the host, put per step) |
+  # auto (host on CPU, where the two memories are one and host was measured faster;
+  # device on accelerators)
+  c.train.device_data = "auto"
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True
@@ -247,6 +251,7 @@ _CHOICES = {
                                           "none"),
     "train.regression_loss": ("l1", "mse"),
     "train.on_nonfinite": ("skip", "stop"),
+    "train.device_data": ("auto", "device", "host"),
     "eval.split": ("train", "valid", "test"),
     "eval.select": ("final", "valid"),
     "eval.removals": ("all", "drop_one", "keep_one", "drop_one+keep_one", "none"),

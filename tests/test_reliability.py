@@ -257,10 +257,11 @@ def test_same_config_twice_is_bit_identical_and_pipelines_agree(reference, tmp_p
   full, _ = reference
   config = _config()
   config.checkpoint.enabled = False
+  config.train.device_data = "device"
   again = train.train_and_evaluate(config, str(tmp_path / "again"))
   np.testing.assert_array_equal(flat(again["final_params"]), flat(full["final_params"]))
   assert again["protocol"] == full["protocol"]
-  host = _config(device_data=False)
+  host = _config(device_data="host")
   host.checkpoint.enabled = False
   via_host = train.train_and_evaluate(host, str(tmp_path / "host"))
   np.testing.assert_array_equal(flat(via_host["final_params"]), flat(full["final_params"]))
@@ -268,7 +269,7 @@ def test_same_config_twice_is_bit_identical_and_pipelines_agree(reference, tmp_p
 
 def test_several_steps_per_dispatch_match_one(reference, tmp_path):
   full, _ = reference
-  config = _config(steps_per_dispatch=3, log_every=3)
+  config = _config(steps_per_dispatch=3, log_every=3, device_data="device")  # lax.scan
   config.checkpoint.every = 6
   config.train.stop_after = 6
   train.train_and_evaluate(config, str(tmp_path))  # and resume after a stop, with k = 3
