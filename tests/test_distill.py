@@ -86,8 +86,8 @@ def test_feature_mse_counts_present_cells_only():
     di.distill(model, teacher, teacher_steps=1, optimizer=optax.sgd(0.1), target="logits")
 
 
-@pytest.mark.parametrize("overrides", [{}, {"method.distill.target": "fused",
-                                            "method.distill.dropout_rate": 0.3}])
+@pytest.mark.parametrize("overrides", [{"method.distill.target": "fused",
+                                         "method.distill.dropout_rate": 0.3}])
 def test_distill_trains_finite_through_the_loop(overrides):
   config = with_overrides(get_config("synthetic", "smoke"),
                           {"method.name": "distill", "train.steps": 4,

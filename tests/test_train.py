@@ -12,7 +12,7 @@ from modalimmune_jax import train
 from modalimmune_jax.config import ConfigError, base_config, validate_config
 from modalimmune_jax.methods import Method, plain
 from modalimmune_jax.step import TrainState, make_train_step
-from tests.helpers import ROOT, flat, get_config, restore_state
+from tests.helpers import ROOT, flat, get_config
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +54,6 @@ def _corrupt(step_dir):
         fh.write(b"\x00garbage")
 
 
-def test_corrupt_checkpoint_falls_back_to_older(uninterrupted, tmp_path):
-  _, full, _ = uninterrupted
-  config = get_config()
-  workdir = str(tmp_path)
-  config.train.stop_after = 9  # checkpoints at 6 and 9
-  train.train_and_evaluate(config, workdir)
-  _corrupt(os.path.join(workdir, "checkpoints", "9"))
-  config.train.stop_after = 0
-  resumed = train.train_and_evaluate(config, workdir)
-  assert resumed["start_step"] == 6
-  np.testing.assert_array_equal(flat(resumed["final_params"]), flat(full["final_params"]))
-
-
 def _nan_method(prob):
   """Plain training with a NaN injected into the loss with probability ``prob``."""
   def build(model):
@@ -78,15 +65,6 @@ def _nan_method(prob):
       return total + nan, destructive, metrics
     return base._replace(name="nan-injector", loss=loss)
   return build
-
-
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
-  config = get_config()
-  config.train.max_nonfinite = 1000
-  config.checkpoint.enabled = False
-  summary = train.train_and_evaluate(config, str(tmp_path), method=_nan_method(0.5))
-  assert 0 < summary["nonfinite_skipped"] < config.train.steps
-  assert np.all(np.isfinite(flat(summary["final_params"])))
 
 
 def test_nonfinite_stop_names_the_step(tmp_path):
@@ -152,39 +130,6 @@ def test_command_line_rejects_bad_overrides(tmp_path):
   bad_choice = _main(cfg, f"--workdir={tmp_path}", "--config.train.regression_loss=huber")
   assert bad_choice.returncode == 2
   assert "train.regression_loss" in bad_choice.stderr
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters(uninterrupted, tmp_path):
-  """SIGKILL at an arbitrary moment, rerun, and compare with the uninterrupted run."""
-  _, full, _ = uninterrupted
-  config = get_config()
-  workdir = str(tmp_path)
-  args = ["--config=experiments/configs/synthetic.py:smoke", f"--workdir={workdir}",
-          "--config.checkpoint.every=1", "--config.eval.removals=none",
-          "--config.eval.missing_rates=()", "--config.eval.snrs_db=()"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-m", "modalimmune_jax.main", *args], cwd=ROOT,
-                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  try:
-    import time
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill once a few checkpoints exist
-      steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-      if len(steps) >= 1 and max(map(int, steps)) >= 3:
-        break
-      time.sleep(0.05)
-    proc.kill()
-  finally:
-    proc.wait(timeout=60)
-  killed_at = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  assert killed_at < config.train.steps, "the run finished before it was killed"
-  done = _main(*args, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
-  step, state = restore_state(config, workdir)
-  assert step == config.train.steps
-  np.testing.assert_array_equal(flat(state.params), flat(full["final_params"]))
 
 
 @pytest.mark.parametrize("name,filename,layout", [
