@@ -34,18 +34,11 @@ from modalimmune_jax import train  # noqa: E402
 from modalimmune_jax.provenance import provenance  # noqa: E402
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
+  """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB."""
   with open("/proc/self/status") as f:
     for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024.0
-  return float("nan")
-
-
-def peak_mb() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
+      if line.startswith(field + ":"):
         return int(line.split()[1]) / 1024.0
   return float("nan")
 
@@ -102,7 +95,7 @@ def main():
   def sample():
     while not stop.is_set():
       ckpt = os.path.join(args.workdir, "checkpoints")
-      samples.append((time.perf_counter() - t0, rss_mb(),
+      samples.append((time.perf_counter() - t0, status_mb("VmRSS"),
                       dir_mb(ckpt) if os.path.isdir(ckpt) else 0.0, last_step()))
       stop.wait(0.5)
   thread = threading.Thread(target=sample, daemon=True)
@@ -129,7 +122,7 @@ def main():
   result = {
       "steps": args.steps, "method": args.method, "batch_size": config.train.batch_size,
       "train_samples": 16000, "widths": [768, 74, 35], "frames": 50,
-      "peak_rss_mb": peak_mb(), "rss_mb_first_half_max": float(np.nanmax(
+      "peak_rss_mb": status_mb("VmHWM"), "rss_mb_first_half_max": float(np.nanmax(
           rss[np.isfinite(step_at) & (step_at < half)])) if np.any(
               np.isfinite(step_at) & (step_at < half)) else None,
       "rss_mb_second_half_max": float(np.nanmax(rss[sel])) if sel.any() else None,

@@ -206,8 +206,6 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-_flatten = flatten
-
 # Keys that do not change what a run trains: they may differ between the runs
 # that share a work directory (evaluation, logging, checkpoint cadence, how the
 # same computation is laid out on devices).
@@ -321,8 +319,8 @@ def _in_interval(value, low, high, low_open, high_open) -> bool:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises :class:`ConfigError` naming the first bad key of ``config``."""
-  known = _flatten(base_config())
-  given = _flatten(config)
+  known = flatten(base_config())
+  given = flatten(config)
   for key in given:
     if key not in known:
       hint = difflib.get_close_matches(key, list(known), n=1)

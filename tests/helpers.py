@@ -32,3 +32,20 @@ def restore_state(config, workdir):
   finally:
     ckpt.close()
   return step, state
+
+
+def run_finite_steps(run, num_steps, each=None):
+  """``num_steps`` steps of ``run.step_fn`` (keys ``fold_in(key(0), s)``), each
+  with no skipped update and only finite metrics; ``each(s, metrics)`` adds a
+  test's own checks. Returns the final state."""
+  from modalimmune_jax.step import host_copy, shard_batch
+  state = run.state
+  for s in range(num_steps):
+    state, metrics = run.step_fn(state, shard_batch(run.batches(s), run.mesh),
+                                 jax.random.fold_in(jax.random.key(0), s))
+    metrics = host_copy(metrics)
+    assert metrics["nonfinite"] == 0.0, (s, metrics)
+    assert all(np.all(np.isfinite(v)) for v in metrics.values()), (s, metrics)
+    if each is not None:
+      each(s, metrics)
+  return state

@@ -9,7 +9,7 @@ import pytest
 from modalimmune_jax import train
 from modalimmune_jax.config import with_overrides
 from modalimmune_jax.step import host_copy, shard_batch
-from tests.helpers import get_config
+from tests.helpers import get_config, run_finite_steps
 
 # The switches of an ablation table (config key -> (on, off) values).
 SWITCHES = {
@@ -58,13 +58,7 @@ def test_switch_combinations_train_without_nan(row):
   config = with_overrides(small_config(), {key: values[bit] for (key, values), bit
                                            in zip(SWITCHES.items(), row)})
   run = train.setup(config)
-  state = run.state
-  for s in range(6):
-    state, metrics = run.step_fn(state, shard_batch(run.batches(s), run.mesh),
-                                 jax.random.fold_in(jax.random.key(0), s))
-    metrics = host_copy(metrics)
-    assert metrics["nonfinite"] == 0.0, (s, metrics)
-    assert all(np.all(np.isfinite(v)) for v in metrics.values()), (s, metrics)
+  state = run_finite_steps(run, 6)
   leaves = jax.tree.leaves(host_copy(state.params))
   assert all(np.all(np.isfinite(x)) for x in leaves)
   if config.method.modalimmune.bhgd:  # two hyper-steps were taken (steps 3 and 6)

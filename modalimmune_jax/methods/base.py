@@ -60,6 +60,7 @@ import optax
 from flax import nnx
 
 __all__ = ["Method", "ModelFns", "task_loss", "reconstruction_loss", "global_batch_size",
+           "has_floats", "all_finite",
            "local_rows", "no_update"]
 
 
@@ -81,6 +82,18 @@ class Method(NamedTuple):
   faults: Callable[[Any, Any], dict] | None = None
   predict_hook: Callable[[Any, Any], Callable] | None = None
   post_transforms: tuple = ()
+
+
+def has_floats(tree) -> bool:
+  """Whether ``tree`` has a floating-point leaf."""
+  return any(jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(tree))
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of ``tree`` is finite (integer leaves are)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def task_loss(task: str, outputs: jax.Array, labels: jax.Array,

@@ -50,8 +50,8 @@ from modalimmune_jax import protocol, spectral
 from modalimmune_jax.curvature import curvature_mask
 from modalimmune_jax.hypergrad import GaussNewton, neumann_hypergrad
 from modalimmune_jax.masking import random_presence, remove_modalities
-from modalimmune_jax.methods.base import (Method, ModelFns, global_batch_size, local_rows,
-                                          reconstruction_loss)
+from modalimmune_jax.methods.base import (Method, ModelFns, all_finite, global_batch_size,
+                                          local_rows, reconstruction_loss)
 from modalimmune_jax.methods.plain import supervised_loss
 
 __all__ = ["Settings", "ModalImmuneState", "HyperStats", "constrain", "unconstrain",
@@ -366,11 +366,9 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
 
   def faults(old, new):
     """Non-finite statistics of this step's update (the step then applies nothing)."""
-    tree_bad = lambda t: ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                                             for x in jax.tree.leaves(t)]))
     return {"controller information gain": ~jnp.all(jnp.isfinite(new.controller.ig)),
             "hyper-gradient": ~jnp.isfinite(new.hyper.grad_norm),
-            "meta-parameters": tree_bad((new.phi, new.hyper_opt_state))}
+            "meta-parameters": ~all_finite((new.phi, new.hyper_opt_state))}
 
   transforms = ()
   if s.curvature_mask:
