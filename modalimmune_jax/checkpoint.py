@@ -82,17 +82,23 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
 
-  def restore_latest(self, state, rng):
+  def restore_latest(self, state, rng, at_most: int | None = None):
     """``(step, state, rng, meta)`` of the newest good checkpoint, or None.
 
     ``state`` and ``rng`` are templates (structure, shapes, dtypes, shardings).
     Checkpoints newer than the one returned did not restore and were moved
-    aside.
+    aside; so are those after ``at_most`` (seeds trained in one program resume
+    from the newest step they all have, and retrain the rest identically).
     """
     template = {"state": _keys_to_data(state), "rng": jax.random.key_data(rng)}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     moved = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      if at_most is not None and step > at_most:
+        self._move_aside(str(step), f"newer than step {at_most}, where the seeds trained "
+                         "with it resume")
+        self.manager.reload()
+        continue
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))

@@ -11,11 +11,15 @@ every missing-modality condition); the best trial's settings then train every
 seed, evaluated on ``config.eval.split`` (test). The test split never enters a
 choice. Every run lives in its own work directory (``tune/<method>/<trial>``,
 ``<method>/seed<k>``) and resumes or is skipped when already done, so an
-interrupted comparison is rerun with the same command.
+interrupted comparison is rerun with the same command. The seeds of a method
+train as one vmapped program (``--together``, the default;
+:func:`modalimmune_jax.train.train_seeds`), each still in its own directory.
 
 Writes ``comparison.md`` (tables: mean and standard deviation over seeds),
 ``comparison.json`` (every number, the chosen settings, the validation scores
-of every trial, the provenance of every run) and ``comparison.png``; a linear
+of every trial, the provenance of every run), ``comparison.png`` and, when the
+protocol has cell-eta conditions (``eval.cell_etas``), ``cell_eta.png`` (the
+robustness curves); a linear
 reference (:mod:`modalimmune_jax.reference`) on the same protocol is printed
 beside the table. ``--ablation`` compares ModalImmune with each part switched
 off in turn (:data:`ABLATIONS`) instead of methods.
@@ -40,6 +44,9 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each trains and evaluates on
 flags.DEFINE_bool("tune", True, "Spend the tuning budget (SEARCH) on the valid split first.")
 flags.DEFINE_bool("ablation", False, "Compare ModalImmune ablations (ABLATIONS) instead.")
 flags.DEFINE_bool("reference", True, "Fit and print the linear reference.")
+flags.DEFINE_bool("together", True, "Train the seeds of a method as one vmapped program "
+                  "(train.train_seeds) where the method allows it; per-seed work directories "
+                  "either way.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:variant]).",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -89,22 +96,40 @@ MISSING_KINDS = protocol.MISSING_KINDS
 selection_score = protocol.selection_score
 
 
+def finished(config, workdir: str) -> dict | None:
+  """``results.json`` of a finished run of ``config`` in ``workdir``, or None."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  if record.get("config") == json.loads(config.to_json_best_effort()):
+    print(f"done already: {workdir}", file=sys.stderr)
+    return record
+  from modalimmune_jax.train import WorkdirError
+  raise WorkdirError(f"{workdir} holds a finished run of another config; move it away or "
+                     "choose another --workdir")
+
+
+def run_seeds(config, seeds, workdirs, together: bool = True) -> list[dict]:
+  """``results.json`` of ``config`` at each seed, training (or finishing) those
+  not done: as one vmapped program when ``together`` (see
+  :func:`modalimmune_jax.train.train_seeds`)."""
+  from modalimmune_jax import train
+  from modalimmune_jax.config import with_overrides
+  records = {s: finished(with_overrides(config, {"seed": s}), w) for s, w in zip(seeds, workdirs)}
+  todo = [(s, w) for s, w in zip(seeds, workdirs) if records[s] is None]
+  if todo:
+    train.train_seeds(config, [s for s, _ in todo], [w for _, w in todo], together=together)
+    for s, w in todo:
+      with open(os.path.join(w, "results.json")) as f:
+        records[s] = json.load(f)
+  return [records[s] for s in seeds]
+
+
 def run_once(config, workdir: str) -> dict:
   """``results.json`` of a run, training it (or finishing it) if needed."""
-  path = os.path.join(workdir, "results.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      record = json.load(f)
-    if record.get("config") == json.loads(config.to_json_best_effort()):
-      print(f"done already: {workdir}", file=sys.stderr)
-      return record
-    from modalimmune_jax.train import WorkdirError
-    raise WorkdirError(f"{workdir} holds a finished run of another config; move it away or "
-                       "choose another --workdir")
-  from modalimmune_jax import train
-  train.train_and_evaluate(config, workdir)
-  with open(path) as f:
-    return json.load(f)
+  return run_seeds(config, [config.seed], [workdir])[0]
 
 
 def removal_name(kept) -> str:
@@ -229,6 +254,20 @@ def plot(agg: dict, metric: str, path: str, title: str) -> str:
   return path
 
 
+def cell_eta_curves(agg: dict, records: dict[str, list[dict]]) -> dict:
+  """Per label, the headline metric against cell-eta (CPM-Net/GCNet), ``full`` at
+  eta 0: ``{label: {"x", "mean", "std"}}`` (empty without cell-eta conditions)."""
+  conds = next(iter(records.values()))[0]["protocol"]["meta"]["conditions"]
+  etas = sorted((c["params"]["eta"], c["name"]) for c in conds if c["kind"] == "cell_missing")
+  if not etas:
+    return {}
+  points = [(0.0, "full")] + etas
+  return {label: {"x": [x for x, _ in points],
+                  "mean": [table[name]["mean"] for _, name in points],
+                  "std": [table[name]["std"] for _, name in points]}
+          for label, table in agg.items()}
+
+
 def main(argv) -> int:
   del argv
   from modalimmune_jax import cli
@@ -247,6 +286,7 @@ def main(argv) -> int:
     if unknown:
       raise cli.FlagError(f"--methods: unknown {unknown}; known {sorted(SEARCH)}")
     rows = {m: with_overrides(base, {"method.name": m}) for m in FLAGS.methods}
+  rows = {label: with_overrides(cfg, {"train.seeds": ()}) for label, cfg in rows.items()}
   for label, cfg in rows.items():
     validate_config(cfg)
 
@@ -278,8 +318,7 @@ def main(argv) -> int:
 
   records: dict[str, list[dict]] = {}
   for label, cfg in rows.items():
-    records[label] = [run_once(with_overrides(cfg, {"seed": s}), seed_dir(label, s))
-                      for s in seeds]
+    records[label] = run_seeds(cfg, seeds, [seed_dir(label, s) for s in seeds], FLAGS.together)
 
   agg = aggregate(records, metric)
   reference = None
@@ -315,6 +354,11 @@ def main(argv) -> int:
   with open(os.path.join(FLAGS.workdir, "comparison.json"), "w") as f:
     json.dump(out, f, indent=2, default=float)
   plot(agg, metric, os.path.join(FLAGS.workdir, "comparison.png"), title)
+  curves = cell_eta_curves(agg, records)
+  if curves:
+    from modalimmune_jax.plots import robustness_curves
+    robustness_curves(curves, metric, os.path.join(FLAGS.workdir, "cell_eta.png"),
+                      f"{title}: cell-eta (CPM-Net/GCNet), mean ± std over seeds {seeds}")
   print(md)
   return 0
 

@@ -161,6 +161,9 @@ def base_config() -> ml_collections.ConfigDict:
   # auto (host on CPU, where the two memories are one and host was measured faster;
   # device on accelerators)
   c.train.device_data = "auto"
+  # several seeds in one vmapped program (`main` writes WORKDIR/seed<k>/ for each; each
+  # run's own config has seed = k and train.seeds = ()); () = one run of `seed`
+  c.train.seeds = ()
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True
@@ -212,7 +215,7 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 RUN_INDEPENDENT = ("eval.", "checkpoint.", "distributed.", "train.log_every",
                    "train.eval_every", "train.stop_after", "train.num_devices",
                    "train.steps_per_dispatch", "train.device_data", "train.on_nonfinite",
-                   "train.max_nonfinite")
+                   "train.max_nonfinite", "train.seeds")
 
 
 def trained_differences(old: dict, new: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
@@ -296,6 +299,7 @@ def _number(v) -> bool:
 
 # list key -> (element check, what the elements must be)
 _LISTS = {
+    "train.seeds": (lambda v: isinstance(v, int) and v >= 0, "non-negative integer seeds"),
     "method.dropout.rates": (lambda v: _number(v) and 0.0 <= v < 1.0, "rates in [0, 1)"),
     "method.modalimmune.hyper_missing_rates": (lambda v: _number(v) and 0.0 <= v < 1.0,
                                                "rates in [0, 1)"),
@@ -356,6 +360,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if len(given["data.synthetic.num_samples"]) != 3:
     raise ConfigError("config key 'data.synthetic.num_samples' must be (train, valid, test) "
                       f"sizes, got {given['data.synthetic.num_samples']!r}")
+  if len(set(given["train.seeds"])) != len(given["train.seeds"]):
+    raise ConfigError(f"config key 'train.seeds' repeats a seed: {tuple(given['train.seeds'])}")
   k = given["train.steps_per_dispatch"]
   for key in ("train.log_every", "train.eval_every", "checkpoint.every", "train.stop_after"):
     if given[key] % k:

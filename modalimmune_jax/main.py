@@ -10,6 +10,8 @@ work directory made with another config is refused (``--fresh`` moves it
 aside, ``--extend`` trains on to more steps). User errors are one line on
 stderr with exit code 2 (``--debug`` shows the traceback); SIGTERM / SIGINT
 save a checkpoint first. XLA's compilation cache is on (``--compile_cache``).
+``--config.train.seeds=(0,1,2)`` trains those seeds as one vmapped program,
+each in ``WORKDIR/seed<k>/`` (:func:`modalimmune_jax.train.train_seeds`).
 With ``config.distributed.enabled`` the run joins JAX's distributed runtime
 first.
 """
@@ -58,19 +60,29 @@ def main(argv) -> int:
   import jax
   from modalimmune_jax import train
   on_change = "fresh" if FLAGS.fresh else "extend" if FLAGS.extend else "refuse"
-  summary = train.train_and_evaluate(config, FLAGS.workdir, on_change=on_change)
+  seeds = list(config.train.seeds)
+  if seeds:  # several seeds in one vmapped program, WORKDIR/seed<k> each
+    workdirs = [f"{FLAGS.workdir}/seed{s}" for s in seeds]
+    summaries = train.train_seeds(config, seeds, workdirs, on_change=on_change)
+  else:
+    workdirs = [FLAGS.workdir]
+    summaries = [train.train_and_evaluate(config, FLAGS.workdir, on_change=on_change)]
   if jax.process_index() == 0:
-    if summary["start_step"]:
-      print(f"resumed from step {summary['start_step']} (checkpoint in {FLAGS.workdir})")
-    if summary["stopped"]:
-      print(f"stopped after step {config.train.stop_after}; rerun to resume")
-    else:
+    for summary, workdir in zip(summaries, workdirs):
+      if summary["start_step"]:
+        print(f"resumed from step {summary['start_step']} (checkpoint in {workdir})")
+      if summary["stopped"]:
+        print(f"stopped after step {config.train.stop_after}; rerun to resume")
+        continue
       print()
-      print(open(f"{FLAGS.workdir}/results.md").read())
+      print(open(f"{workdir}/results.md").read())
+    summary = summaries[0]
+    if not summary["stopped"]:
       t = summary["train_seconds"]
-      print(f"trained {summary['steps'] - summary['start_step']} steps in {t:.1f} s "
+      together = f" ({len(seeds)} seeds in one program)" if len(summaries) > 1 else ""
+      print(f"trained {summary['steps'] - summary['start_step']} steps{together} in {t:.1f} s "
             f"(first step {summary['first_step_seconds'] or 0:.1f} s); results in "
-            f"{FLAGS.workdir}/results.md and results.json")
+            + ", ".join(f"{w}/results.md" for w in workdirs) + " and results.json")
   return 0
 
 

@@ -40,9 +40,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from modalimmune_jax.methods.base import Method, all_finite, has_floats
 
-__all__ = ["AXIS", "TrainState", "Health", "init_state", "make_train_step", "make_mesh",
-           "make_parallel_step", "make_loop_step", "fault_names", "device_data",
-           "gather_batch", "device_batch", "shard_batch", "shard_indices", "host_copy"]
+__all__ = ["AXIS", "TrainState", "Health", "SEED_AXES", "init_state", "make_train_step",
+           "make_mesh", "make_parallel_step", "make_loop_step", "fault_names", "device_data",
+           "gather_batch", "device_batch", "shard_batch", "shard_indices", "host_copy",
+           "stack_states", "seed_state"]
 
 AXIS = "data"
 
@@ -82,6 +83,27 @@ class TrainState(NamedTuple):
   @classmethod
   def create(cls, params, opt_state, method_state) -> "TrainState":
     return cls(jnp.zeros([], jnp.int32), params, opt_state, method_state, Health.zeros())
+
+
+# ``vmap`` axes of a stack of seeds' states: every leaf has a leading seed axis
+# except the step counter, which the seeds share. Kept unbatched, the step
+# keeps the methods' periodic ``lax.cond(step ...)`` a branch (batched, it would
+# be a select that runs both branches every step).
+SEED_AXES = TrainState(None, 0, 0, 0, 0)
+
+
+def stack_states(states) -> TrainState:
+  """One :class:`TrainState` of ``S`` seeds at the same step (see :data:`SEED_AXES`)."""
+  steps = {int(s.step) for s in states}
+  if len(steps) != 1:
+    raise ValueError(f"seeds at different steps {sorted(steps)} cannot be stacked")
+  rest = jax.tree.map(lambda *xs: jnp.stack(xs), *[tuple(s[1:]) for s in states])
+  return TrainState(states[0].step, *rest)
+
+
+def seed_state(state: TrainState, i: int) -> TrainState:
+  """Seed ``i``'s own state out of a stack (:func:`stack_states`)."""
+  return TrainState(state.step, *jax.tree.map(lambda x: x[i], tuple(state[1:])))
 
 
 def init_state(params, optimizer: optax.GradientTransformation, method: Method) -> TrainState:
@@ -211,20 +233,36 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
 
 
 def make_parallel_step(method: Method, optimizer: optax.GradientTransformation,
-                       mesh: jax.sharding.Mesh, max_nonfinite: int = 0) -> Callable:
+                       mesh: jax.sharding.Mesh, max_nonfinite: int = 0,
+                       seeds: bool = False) -> Callable:
   """The data-parallel step: ``jit(shard_map(step))`` over the mesh axis ``data``.
 
   The state and the key are replicated; every leaf of the batch is split
   along its first axis. The state is donated.
+
+  ``seeds=True``: ``S`` seeds in one program, ``step(state, batch, base_rngs)``
+  with a stacked state (:func:`stack_states`), batches ``(S, B, ...)`` (split
+  along ``B``) and the seeds' base keys ``(S,)``; seed ``i`` steps with the key
+  ``fold_in(base_rngs[i], state.step)``, as its own run would.
   """
   step = make_train_step(method, optimizer, axis_name=AXIS, max_nonfinite=max_nonfinite)
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()),
+  if not seeds:
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()),
+                            out_specs=(P(), P()))
+    return jax.jit(sharded, donate_argnums=(0,))
+
+  def run(state, batch, base_rngs):
+    rngs = jax.vmap(jax.random.fold_in, (0, None))(base_rngs, state.step)
+    return jax.vmap(step, in_axes=(SEED_AXES, 0, 0), out_axes=(SEED_AXES, 0))(
+        state, batch, rngs)
+  sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P(None, AXIS), P()),
                           out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=(0,))
 
 
 def make_loop_step(method: Method, optimizer: optax.GradientTransformation,
-                   mesh: jax.sharding.Mesh, max_nonfinite: int = 0) -> Callable:
+                   mesh: jax.sharding.Mesh, max_nonfinite: int = 0,
+                   seeds: str | None = None) -> Callable:
   """``loop_step(state, data, indices, base_rng) -> (state, metrics)``: the
   training loop's dispatch, ``k = indices.shape[0]`` steps at once.
 
@@ -235,6 +273,11 @@ def make_loop_step(method: Method, optimizer: optax.GradientTransformation,
   :func:`gather_batch` on the host; step ``s`` uses the key
   ``fold_in(base_rng, s)``. Metrics come back stacked, ``(k, ...)``. The
   state is donated.
+
+  ``seeds``: ``S`` seeds in one program (``vmap``; :func:`stack_states`):
+  ``"shared"`` when they train on one split (``data`` as above), ``"stacked"``
+  when each has its own (``data`` leaves ``(S, N, ...)``); ``indices`` are
+  ``(S, k, B)``, ``base_rng`` the ``(S,)`` keys, metrics ``(k, S, ...)``.
 
   Example:
     >>> loop_step = make_loop_step(method, optimizer, mesh)
@@ -253,7 +296,14 @@ def make_loop_step(method: Method, optimizer: optax.GradientTransformation,
       return state, jax.tree.map(lambda x: x[None], metrics)
     return jax.lax.scan(one, state, indices)
 
-  sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P(), P(None, AXIS), P()),
+  index_spec = P(None, AXIS)
+  if seeds is not None:
+    if seeds not in ("shared", "stacked"):
+      raise ValueError(f"seeds must be None, 'shared' or 'stacked', got {seeds!r}")
+    run = jax.vmap(run, in_axes=(SEED_AXES, None if seeds == "shared" else 0, 0, 0),
+                   out_axes=(SEED_AXES, 1))
+    index_spec = P(None, None, AXIS)
+  sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P(), index_spec, P()),
                           out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=(0,))
 
@@ -277,15 +327,15 @@ def gather_batch(data: dict, index) -> dict:
 
 
 def shard_indices(indices, mesh: jax.sharding.Mesh) -> jax.Array:
-  """``(k, B)`` global sample indices on the mesh, split along ``B``."""
-  sharding = NamedSharding(mesh, P(None, AXIS))
+  """``(..., B)`` global sample indices on the mesh, split along ``B`` (the last axis)."""
   indices = np.asarray(indices, np.int32)
+  sharding = NamedSharding(mesh, P(*[None] * (indices.ndim - 1), AXIS))
   n_proc, pid = jax.process_count(), jax.process_index()
   if n_proc == 1:
     return jax.device_put(indices, sharding)
-  cols = indices.shape[1] // n_proc
+  cols = indices.shape[-1] // n_proc
   return jax.make_array_from_process_local_data(
-      sharding, indices[:, pid * cols:(pid + 1) * cols], indices.shape)
+      sharding, indices[..., pid * cols:(pid + 1) * cols], indices.shape)
 
 
 def device_batch(batch: dict) -> dict:
@@ -293,22 +343,24 @@ def device_batch(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if k != "index"}
 
 
-def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-  """Places a *global* host batch on the mesh, split along the batch axis.
+def shard_batch(batch: dict, mesh: jax.sharding.Mesh, seeds: bool = False) -> dict:
+  """Places a *global* host batch on the mesh, split along the batch axis
+  (the first; the second with ``seeds``, for ``(S, B, ...)`` seed stacks).
 
   With several processes each one passes the same global batch and
   contributes only its own contiguous rows
   (``jax.make_array_from_process_local_data``).
   """
-  sharding = NamedSharding(mesh, P(AXIS))
+  axis = 1 if seeds else 0
+  sharding = NamedSharding(mesh, P(*[None] * axis, AXIS))
   n_proc, pid = jax.process_count(), jax.process_index()
   if n_proc == 1:
     return jax.device_put(batch, sharding)
 
   def put(x):
-    rows = x.shape[0] // n_proc
-    return jax.make_array_from_process_local_data(sharding, x[pid * rows:(pid + 1) * rows],
-                                                  x.shape)
+    rows = x.shape[axis] // n_proc
+    local = np.take(x, np.arange(pid * rows, (pid + 1) * rows), axis=axis)
+    return jax.make_array_from_process_local_data(sharding, local, x.shape)
   return jax.tree.map(put, batch)
 
 

@@ -47,11 +47,12 @@ from modalimmune_jax.plots import plot_protocol
 from modalimmune_jax.provenance import provenance
 from modalimmune_jax.step import (TrainState, device_batch, device_data, fault_names,
                                   gather_batch, host_copy, init_state, make_loop_step,
-                                  make_mesh, make_parallel_step, shard_batch, shard_indices)
+                                  make_mesh, make_parallel_step, make_train_step,
+                                  seed_state, shard_batch, shard_indices, stack_states)
 
 __all__ = [
     "NonFiniteError", "WorkdirError", "Interrupted", "load_data", "check_workdir", "build_model", "make_optimizer", "make_predict_fn",
-    "Batches", "Setup", "setup", "train_and_evaluate", "eval_conditions", "evaluate_split",
+    "Batches", "Setup", "setup", "train_and_evaluate", "train_seeds", "eval_conditions", "evaluate_split",
 ]
 
 log = logging.getLogger(__name__)
@@ -385,6 +386,353 @@ def _describe_health(health, names: Sequence[str]) -> str:
   return f"non-finite {', '.join(terms)} at step {int(health.last_bad)}"
 
 
+def _seed_dependent_data(config: ml_collections.ConfigDict) -> bool:
+  """Whether :func:`load_data` draws the data from ``config.seed`` (synthetic)."""
+  return config.data.name == "synthetic"
+
+
+class _Run:
+  """One run of the loop (:func:`_train`): its config, data, work directory,
+  checkpoints, log and validation selector. Every check of the user's input
+  happens in the constructor, before anything is written."""
+
+  def __init__(self, config, workdir, dataset, method, on_change):
+    self.config, self.workdir, self.dataset = config, workdir, dataset
+    self.is_main = jax.process_index() == 0
+    for split, counts in dataset.meta.get("nonfinite", {}).items():
+      if sum(counts.values()) and self.is_main:
+        log.warning("%s: replaced non-finite values: %s", split, counts)
+    if config.train.batch_size > dataset.splits["train"].num_samples:
+      raise config_lib.ConfigError(
+          f"config key 'train.batch_size' ({config.train.batch_size}) exceeds the "
+          f"{dataset.splits['train'].num_samples} training samples of {dataset.name}")
+    self.change = check_workdir(config, workdir, on_change)
+    os.makedirs(workdir, exist_ok=True)
+    self.setup = setup(config, method, dataset=dataset)
+    self.method = self.setup.method
+    self.base_rng = jax.random.key(config.seed)
+    self.names = fault_names(self.method, self.setup.state.method_state)
+    self.ckpt = (Checkpointer(os.path.join(workdir, "checkpoints"),
+                              config.checkpoint.max_to_keep)
+                 if config.checkpoint.enabled else None)
+    self.state, self.start, self.seconds_before = self.setup.state, 0, 0.0
+    self.log_file, self.selector, self.reported = None, None, 0
+    train = dataset.splits["train"]
+    self.host_data = {"inputs": train.modalities, "masks": train.masks, "labels": train.labels}
+
+  def eval_state(self, state):
+    """The method state evaluation needs (None unless the method has a predict_hook)."""
+    return host_copy(state.method_state) if self.method.predict_hook else None
+
+  def restore(self, at_most: int | None = None) -> int:
+    """Resumes from the newest good checkpoint (at most ``at_most``); the step."""
+    self.state, self.start, self.seconds_before = self.setup.state, 0, 0.0
+    if self.ckpt is None:
+      return 0
+    restored = self.ckpt.restore_latest(self.setup.state, jax.random.key(self.config.seed),
+                                        at_most=at_most)
+    if restored is not None:
+      self.start, self.state, self.base_rng, meta = restored
+      self.seconds_before = float(meta.get("train_seconds", 0.0))
+    return self.start
+
+  def open(self, predict) -> None:
+    """After the resume point is fixed: checks it, writes ``config.json``, opens
+    the log and the validation selector."""
+    config, workdir = self.config, self.workdir
+    if self.start:
+      log.info("resumed %s from its checkpoint of step %d", workdir, self.start)
+    if self.start > config.train.steps:
+      raise WorkdirError(f"{workdir}: its checkpoint is at step {self.start}, past "
+                         f"train.steps {config.train.steps}")
+    if self.start % config.train.steps_per_dispatch:
+      raise config_lib.ConfigError(
+          f"config key 'train.steps_per_dispatch' ({config.train.steps_per_dispatch}) must "
+          f"divide the resumed step {self.start}")
+    path = os.path.join(workdir, "config.json")
+    if self.is_main and (self.change is not None or not os.path.isfile(path)):
+      with open(path, "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    if self.is_main:
+      self.log_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if self.start:  # records after this line supersede earlier ones with a larger step
+      self.write_log({"event": "resume", "step": self.start,
+                      **({"extended_to": config.train.steps} if self.change == "extended"
+                         else {})})
+    if config.eval.select == "valid":
+      self.selector = _ValidSelector(config, self.dataset, predict, workdir, self.state,
+                                     self.base_rng, self.eval_state)
+    self.reported = int(host_copy(self.state.health).skipped)
+
+  def write_log(self, record: dict) -> None:
+    if self.log_file is not None:
+      self.log_file.write(json.dumps(record) + "\n")
+      self.log_file.flush()
+
+  def check_health(self, h) -> None:
+    """Stops on a halted run, warns on new skips (``h``: host :class:`Health`)."""
+    t = self.config.train
+    if h.halted:
+      limit = ("train.on_nonfinite='stop'" if t.on_nonfinite == "stop"
+               else f"train.max_nonfinite={t.max_nonfinite}")
+      raise NonFiniteError(f"{_describe_health(h, self.names)}: {int(h.run)} bad step(s) in a "
+                           f"row ({limit}); stopping. No update of a bad step was applied"
+                           + (f" ({self.workdir})" if self.grouped else ""))
+    if int(h.skipped) > self.reported and self.is_main:
+      log.warning("%s: %d step(s) skipped so far (last: %s); their updates were not applied",
+                  self.workdir, int(h.skipped), _describe_health(h, self.names))
+    self.reported = int(h.skipped)
+
+  grouped = False
+
+  def save(self, step: int, state, seconds: float) -> None:
+    if self.ckpt is None or step in self.ckpt.manager.all_steps():
+      return
+    epoch, b = self.setup.batches.position(step)
+    self.ckpt.save(step, state, self.base_rng, {
+        "step": step, "epoch": epoch, "batch": b,
+        "train_seconds": self.seconds_before + seconds})
+
+  def close(self) -> None:
+    if self.selector is not None:
+      self.selector.close()
+    if self.ckpt is not None:
+      self.ckpt.close()
+    if self.log_file is not None:
+      self.log_file.close()
+
+  def finish(self, state, predict, *, stopped: bool, train_seconds: float,
+             first_step_seconds: float | None, seeds_together: Sequence[int]) -> dict:
+    """The summary; unless stopped early, the protocol on ``eval.split`` and the
+    result files."""
+    config, dataset, method = self.config, self.dataset, self.method
+    health = state.health
+    summary: dict[str, Any] = {
+        "method": method.name, "dataset": dataset.name, "task": dataset.task,
+        "steps": config.train.steps, "start_step": self.start, "stopped": stopped,
+        "nonfinite_skipped": int(health.skipped), "devices": self.setup.mesh.devices.size,
+        "processes": jax.process_count(), "first_step_seconds": first_step_seconds,
+        "train_seconds": train_seconds,
+        "train_seconds_total": self.seconds_before + train_seconds,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    if len(seeds_together) > 1:  # one vmapped program: its time is all seeds' time
+      summary["seeds_together"] = list(seeds_together)
+    final_state = host_copy(state)
+    summary["final_params"] = final_params = final_state.params
+    summary["final_state"] = final_state
+    if stopped:
+      return summary
+    split = dataset.splits[config.eval.split]
+    conditions = eval_conditions(config, dataset.modality_names)
+    final_method_state = self.eval_state(final_state)
+    if self.selector is not None:  # one checkpoint for every metric: the one chosen on valid
+      summary["selection"] = self.selector.summary()
+      final_params = self.selector.best_params
+      final_method_state = self.selector.best_method_state
+    result = protocol.evaluate(
+        lambda b: predict(final_params, device_batch(b), final_method_state), split,
+        conditions, batch_size=config.eval.batch_size, seed=config.eval.seed,
+        progress=lambda it: tqdm(it, desc="protocol", unit="condition",
+                                 disable=not self.is_main, dynamic_ncols=True))
+    headline = HEADLINE[dataset.task]
+    summary["valid"] = evaluate_split(predict, final_params, dataset.splits["valid"],
+                                      config.eval.batch_size, final_method_state)
+    summary["protocol"] = result.to_dict()
+    summary["headline_metric"] = headline
+    record = {k: v for k, v in summary.items() if k not in ("final_params", "final_state")}
+    record["provenance"] = provenance(seed=config.seed, eval_seed=config.eval.seed)
+    if self.is_main:
+      with open(os.path.join(self.workdir, "results.json"), "w") as f:
+        json.dump(record, f, indent=2, default=float)
+      with open(os.path.join(self.workdir, "results.md"), "w") as f:
+        f.write(render_results(record, result))
+      plot_protocol(result, headline, os.path.join(self.workdir, "results.png"),
+                    title=f"{method.name} on {dataset.name}, {config.eval.split} split")
+    summary["table"] = result
+    return summary
+
+
+def _values(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return np.asarray(x)
+
+
+def _one_program(runs: Sequence[_Run]) -> str | None:
+  """Why the runs cannot share one vmapped program (None if they can): their
+  steps must trace to the same program (a method whose functions close over
+  seed-dependent values cannot), on data of the same shapes."""
+  def program(r):
+    s = r.setup
+    step = make_train_step(s.method, s.optimizer)
+    batch = device_batch(s.batches(0))
+    closed = jax.make_jaxpr(step)(r.state, batch, r.base_rng)
+    return str(closed.jaxpr), closed.consts
+  shapes = [{m: x.shape for m, x in r.host_data["inputs"].items()} for r in runs]
+  if any(s != shapes[0] for s in shapes):
+    return f"the seeds' data differ in shape: {shapes}"
+  text, consts = program(runs[0])
+  for r in runs[1:]:
+    other, other_consts = program(r)
+    if other != text or len(consts) != len(other_consts) or not all(
+        np.array_equal(_values(a), _values(b)) for a, b in zip(consts, other_consts)):
+      return (f"the step of seed {r.config.seed} is another program than seed "
+              f"{runs[0].config.seed}'s (the method closes over seed-dependent values)")
+  return None
+
+
+def _train(runs: Sequence[_Run], vmapped: bool) -> list[dict[str, Any]]:
+  """The loop over ``runs`` (one, or several seeds of one config as one vmapped
+  program), then each run's evaluation. The runs are open and at one step."""
+  lead = runs[0]
+  config, mesh, method = lead.config, lead.setup.mesh, lead.method
+  k, steps, stop_after = (config.train.steps_per_dispatch, config.train.steps,
+                          config.train.stop_after)
+  t = config.train
+  max_bad = 1 if t.on_nonfinite == "stop" else t.max_nonfinite
+  shared = all(r.dataset is lead.dataset for r in runs)
+  on_device = t.device_data == "device" or (
+      t.device_data == "auto" and mesh.devices.flat[0].platform != "cpu")
+  predict = lead.predict
+  if vmapped:
+    state = stack_states([r.state for r in runs])
+    base = jax.numpy.stack([r.base_rng for r in runs])
+    part = lambda tree, j: jax.tree.map(lambda x: x[j], tree)
+    state_of = seed_state
+    rows_of = lambda m, j: jax.tree.map(lambda x: x[:, j], m)
+    if on_device:
+      loop_fn = make_loop_step(method, lead.setup.optimizer, mesh, max_bad,
+                               seeds="shared" if shared else "stacked")
+      data = (device_data(lead.dataset.splits["train"], mesh) if shared else
+              jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *[r.host_data for r in runs]),
+                             NamedSharding(mesh, P())))
+    else:
+      step_fn = make_parallel_step(method, lead.setup.optimizer, mesh, max_bad, seeds=True)
+  else:
+    state, base = lead.state, lead.base_rng
+    part = state_of = rows_of = lambda tree, j: tree
+    loop_fn, step_fn = lead.setup.loop_fn, lead.setup.step_fn
+    data = device_data(lead.dataset.splits["train"], mesh) if on_device else None
+  if not on_device:
+    data = None
+
+  def dispatch(state, step):
+    """``k`` steps; the metrics as one ``(k, [S,] ...)`` tree or a list of ``k``."""
+    idx = [r.setup.batches.indices(step, k) for r in runs]
+    if data is not None:
+      return loop_fn(state, data, shard_indices(np.stack(idx) if vmapped else idx[0], mesh),
+                     base)
+    outs = []
+    for i in range(k):  # host pipeline: batch i + 1 is put while step i runs
+      if vmapped:
+        batch = jax.tree.map(lambda *xs: np.stack(xs),
+                             *[gather_batch(r.host_data, ix[i]) for r, ix in zip(runs, idx)])
+        state, metrics = step_fn(state, shard_batch(batch, mesh, seeds=True), base)
+      else:
+        batch = shard_batch(gather_batch(lead.host_data, idx[0][i]), mesh)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(base, step + i))
+      outs.append(metrics)
+    return state, outs
+
+  def fetch(metrics):
+    """Host copies, stacked ``(k, ...)`` (read at intervals only)."""
+    if isinstance(metrics, list):
+      return jax.tree.map(lambda *xs: np.stack(xs), *host_copy(metrics))
+    return host_copy(metrics)
+
+  t_session = time.perf_counter()
+  bar = tqdm(total=steps, initial=lead.start, disable=not lead.is_main, desc="train",
+             unit="step", dynamic_ncols=True)
+  first_step_seconds, stopped, done = None, False, lead.start
+  try:
+    with _StopSignals() as signals:
+      for step in range(lead.start, steps, k):
+        t0 = time.perf_counter()
+        state, metrics = dispatch(state, step)
+        if first_step_seconds is None:
+          jax.block_until_ready(state.step)
+          first_step_seconds = time.perf_counter() - t0
+        done = step + k
+        bar.update(k)
+        fetched = []
+
+        def rows(j):
+          if not fetched:
+            fetched.append(fetch(metrics))
+          return rows_of(fetched[0], j)
+        if method.events is not None:
+          for j, r in enumerate(runs):
+            for i in range(k):
+              for record in method.events(step + i + 1,
+                                          lambda i=i, j=j: jax.tree.map(lambda x: x[i], rows(j))):
+                r.write_log(record)
+        received = signals.received  # read once: a signal may arrive at any moment
+        log_now = done % t.log_every == 0 or done == steps
+        save_now = lead.ckpt is not None and (done % config.checkpoint.every == 0 or
+                                              done == steps or done == stop_after or
+                                              received is not None)
+        if log_now or save_now:
+          health = host_copy(state.health)
+          for j, r in enumerate(runs):
+            h = part(health, j)
+            r.check_health(h)
+            if log_now:
+              values = _jsonable(jax.tree.map(lambda x: x[-1], rows(j)))
+              r.write_log({"step": done, "split": "train", **values,
+                           "nonfinite_skipped": int(h.skipped),
+                           "seconds": round(time.perf_counter() - t_session, 3)})
+          if log_now:
+            bar.set_postfix(loss=f"{float(np.mean(fetched[0]['loss'][-1])):.4f}")
+        if t.eval_every and done % t.eval_every == 0 and done < steps:
+          for j, r in enumerate(runs):
+            st = state_of(state, j)
+            params, method_state = host_copy(st.params), r.eval_state(st)
+            values = evaluate_split(predict, params, r.dataset.splits["valid"],
+                                    config.eval.batch_size, method_state)
+            if r.selector is not None:
+              values["selection_score"] = r.selector.consider(done, st, params, method_state)
+            r.write_log({"step": done, "split": "valid", **values})
+        if save_now:
+          for j, r in enumerate(runs):
+            r.save(done, state_of(state, j), time.perf_counter() - t_session)
+        if received is not None:
+          name = signal.Signals(received).name
+          saved = "checkpoint saved" if lead.ckpt is not None else "no checkpoint (disabled)"
+          raise Interrupted(f"{name} at step {done}: {saved}; rerun the same command to "
+                            "resume", received)
+        if stop_after and done == stop_after and done < steps:
+          stopped = True
+          break
+      health = host_copy(state.health)
+      for j, r in enumerate(runs):
+        r.check_health(part(health, j))
+        if r.selector is not None and not stopped:  # the final state is a candidate too
+          st = state_of(state, j)
+          r.selector.consider(done, st, host_copy(st.params), r.eval_state(st))
+  finally:
+    bar.close()
+    for r in runs:
+      r.close()
+  train_seconds = time.perf_counter() - t_session
+  seeds = [r.config.seed for r in runs]
+  return [r.finish(state_of(state, j), predict, stopped=stopped, train_seconds=train_seconds,
+                   first_step_seconds=first_step_seconds, seeds_together=seeds)
+          for j, r in enumerate(runs)]
+
+
+def _open_runs(configs, workdirs, method, on_change, datasets) -> tuple[list[_Run], Callable]:
+  runs = []
+  for config, workdir, dataset in zip(configs, workdirs, datasets):
+    runs.append(_Run(config, workdir, dataset, method, on_change))
+  # every run resumes from the newest step they all have
+  steps = [r.restore() for r in runs]
+  while len(set(steps)) > 1:
+    steps = [r.restore(at_most=min(steps)) for r in runs]
+  predict = make_predict_fn(runs[0].setup.graphdef, runs[0].method.predict_hook)
+  return runs, predict
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        method: Method | Callable[[ModelFns], Method] | None = None,
                        on_change: str = "refuse") -> dict[str, Any]:
@@ -409,213 +757,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   when ``train.stop_after`` ended the run early), plus ``final_params`` and
   ``final_state`` (host copies).
   """
+  return train_seeds(config, [config.seed], [workdir], method, on_change)[0]
+
+
+def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int],
+                workdirs: Sequence[str],
+                method: Method | Callable[[ModelFns], Method] | None = None,
+                on_change: str = "refuse", together: bool = True) -> list[dict[str, Any]]:
+  """:func:`train_and_evaluate` of ``config`` at each of ``seeds`` (``config.seed``
+  replaced; ``workdirs[i]`` for ``seeds[i]``), as **one vmapped program** when
+  ``together`` and the runs allow it: the same step program for every seed
+  (checked by tracing; a method that closes over seed-dependent values falls
+  back), data of the same shapes, and checkpoints that agree on a step (runs
+  ahead of the others are moved back to the newest step they all have).
+
+  Each seed keeps its own work directory, checkpoints, log, results and
+  provenance, in the format of a separate run (plus ``seeds_together``; its
+  ``train_seconds`` is the shared program's). The seeds train exactly as
+  separate runs up to float32 reassociation in the batched kernels (see
+  ``tests/test_seeds.py`` for the tolerance); the step counter is shared, so
+  the methods' periodic ``lax.cond`` stay branches.
+
+  Example:
+    >>> summaries = train_seeds(config, [0, 1, 2], ["runs/s0", "runs/s1", "runs/s2"])
+  """
   validate_config(config)
-  is_main = jax.process_index() == 0
-  dataset = load_data(config)  # every data file is read and checked here
-  for split, counts in dataset.meta.get("nonfinite", {}).items():
-    if sum(counts.values()) and is_main:
-      log.warning("%s: replaced non-finite values: %s", split, counts)
-  if config.train.batch_size > dataset.splits["train"].num_samples:
-    raise config_lib.ConfigError(
-        f"config key 'train.batch_size' ({config.train.batch_size}) exceeds the "
-        f"{dataset.splits['train'].num_samples} training samples of {dataset.name}")
-  change = check_workdir(config, workdir, on_change)
-  os.makedirs(workdir, exist_ok=True)
-  run = setup(config, method, dataset=dataset)
-  state, mesh, batches, method = run.state, run.mesh, run.batches, run.method
-  n_dev, k = mesh.devices.size, config.train.steps_per_dispatch
-  predict = make_predict_fn(run.graphdef, method.predict_hook)
-  # the method state evaluation needs (None unless the method has a predict_hook)
-  eval_state = lambda st: host_copy(st.method_state) if method.predict_hook else None
-  base_rng = jax.random.key(config.seed)
-  names = fault_names(method, state.method_state)
-
-  ckpt = (Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
-          if config.checkpoint.enabled else None)
-  start, seconds_before = 0, 0.0
-  if ckpt is not None:
-    restored = ckpt.restore_latest(state, base_rng)
-    if restored is not None:
-      start, state, base_rng, meta = restored
-      seconds_before = float(meta.get("train_seconds", 0.0))
-      if is_main:
-        log.info("resumed %s from its checkpoint of step %d", workdir, start)
-  if start > config.train.steps:
-    raise WorkdirError(f"{workdir}: its checkpoint is at step {start}, past train.steps "
-                       f"{config.train.steps}")
-  if start % k:
-    raise config_lib.ConfigError(
-        f"config key 'train.steps_per_dispatch' ({k}) must divide the resumed step {start}")
-
-  if is_main and (change is not None or not os.path.isfile(os.path.join(workdir, "config.json"))):
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  log_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
-
-  def write_log(record):
-    if log_file is not None:
-      log_file.write(json.dumps(record) + "\n")
-      log_file.flush()
-
-  if start:  # records after this line supersede earlier ones with a larger step
-    write_log({"event": "resume", "step": start, **({"extended_to": config.train.steps}
-                                                     if change == "extended" else {})})
-
-  t_session = time.perf_counter()
-
-  def save(step):
-    if ckpt is None:
-      return
-    epoch, b = batches.position(step)
-    ckpt.save(step, state, base_rng, {
-        "step": step, "epoch": epoch, "batch": b,
-        "train_seconds": seconds_before + time.perf_counter() - t_session})
-
-  reported = [int(host_copy(state.health).skipped)]
-
-  def check_health():
-    """Reads the counters (a host synchronisation: only at intervals)."""
-    h = host_copy(state.health)
-    if h.halted:
-      limit = ("train.on_nonfinite='stop'" if config.train.on_nonfinite == "stop"
-               else f"train.max_nonfinite={config.train.max_nonfinite}")
-      raise NonFiniteError(f"{_describe_health(h, names)}: {int(h.run)} bad step(s) in a row "
-                           f"({limit}); stopping. No update of a bad step was applied")
-    if int(h.skipped) > reported[0] and is_main:
-      log.warning("%d step(s) skipped so far (last: %s); their updates were not applied",
-                  int(h.skipped), _describe_health(h, names))
-    reported[0] = int(h.skipped)
-    return h
-
-  steps = config.train.steps
-  stop_after = config.train.stop_after
-  on_device = config.train.device_data == "device" or (
-      config.train.device_data == "auto" and mesh.devices.flat[0].platform != "cpu")
-  data = device_data(dataset.splits["train"], mesh) if on_device else None
-  host_data = None if data is not None else {
-      "inputs": dataset.splits["train"].modalities, "masks": dataset.splits["train"].masks,
-      "labels": dataset.splits["train"].labels}
-
-  def dispatch(state, step):
-    idx = batches.indices(step, k)
-    if data is not None:
-      return run.loop_fn(state, data, shard_indices(idx, mesh), base_rng)
-    outs = []
-    for i in range(k):  # host pipeline: batch i + 1 is put while step i runs
-      batch = shard_batch(gather_batch(host_data, idx[i]), mesh)
-      state, metrics = run.step_fn(state, batch, jax.random.fold_in(base_rng, step + i))
-      outs.append(metrics)
-    return state, jax.tree.map(lambda *xs: jax.numpy.stack(xs), *outs)
-
-  selector = (_ValidSelector(config, dataset, predict, workdir, state, base_rng, eval_state)
-              if config.eval.select == "valid" else None)
-  bar = tqdm(total=steps, initial=start, disable=not is_main, desc="train", unit="step",
-             dynamic_ncols=True)
-  first_step_seconds, stopped, done = None, False, start
-  try:
-    with _StopSignals() as signals:
-      for step in range(start, steps, k):
-        t0 = time.perf_counter()
-        state, metrics = dispatch(state, step)
-        if first_step_seconds is None:
-          jax.block_until_ready(state.step)
-          first_step_seconds = time.perf_counter() - t0
-        done = step + k
-        bar.update(k)
-        if method.events is not None:
-          fetched = []
-
-          def get(i):
-            if not fetched:
-              fetched.append(host_copy(metrics))
-            return jax.tree.map(lambda x: x[i], fetched[0])
-          for i in range(k):
-            for record in method.events(step + i + 1, lambda i=i: get(i)):
-              write_log(record)
-        received = signals.received  # read once: a signal may arrive at any moment
-        log_now = done % config.train.log_every == 0 or done == steps
-        save_now = ckpt is not None and (done % config.checkpoint.every == 0 or done == steps
-                                         or done == stop_after or received is not None)
-        if log_now or save_now:
-          h = check_health()
-          if log_now:
-            values = _jsonable(jax.tree.map(lambda x: x[-1], host_copy(metrics)))
-            bar.set_postfix(loss=f"{values['loss']:.4f}")
-            write_log({"step": done, "split": "train", **values,
-                       "nonfinite_skipped": int(h.skipped),
-                       "seconds": round(time.perf_counter() - t_session, 3)})
-        if config.train.eval_every and done % config.train.eval_every == 0 and done < steps:
-          params, method_state = host_copy(state.params), eval_state(state)
-          values = evaluate_split(predict, params, dataset.splits["valid"],
-                                  config.eval.batch_size, method_state)
-          if selector is not None:
-            values["selection_score"] = selector.consider(done, state, params, method_state)
-          write_log({"step": done, "split": "valid", **values})
-        if save_now:
-          save(done)
-        if received is not None:
-          name = signal.Signals(received).name
-          saved = "checkpoint saved" if ckpt is not None else "no checkpoint (disabled)"
-          raise Interrupted(f"{name} at step {done}: {saved}; rerun the same command to "
-                            "resume", received)
-        if stop_after and done == stop_after and done < steps:
-          stopped = True
-          break
-      health = check_health()
-      if selector is not None and not stopped:
-        selector.consider(done, state, host_copy(state.params), eval_state(state))  # final too
-  finally:
-    bar.close()
-    if selector is not None:
-      selector.close()
-    if ckpt is not None:
-      ckpt.close()
-    if log_file is not None:
-      log_file.close()
-  train_seconds = time.perf_counter() - t_session
-
-  summary: dict[str, Any] = {
-      "method": method.name, "dataset": dataset.name, "task": dataset.task,
-      "steps": steps, "start_step": start, "stopped": stopped,
-      "nonfinite_skipped": int(health.skipped), "devices": n_dev,
-      "processes": jax.process_count(), "first_step_seconds": first_step_seconds,
-      "train_seconds": train_seconds, "train_seconds_total": seconds_before + train_seconds,
-      "config": json.loads(config.to_json_best_effort()),
-  }
-  final_state = host_copy(state)
-  final_params = final_state.params
-  summary["final_params"] = final_params
-  summary["final_state"] = final_state
-  if stopped:
-    return summary
-
-  split = dataset.splits[config.eval.split]
-  conditions = eval_conditions(config, dataset.modality_names)
-  final_method_state = eval_state(final_state)
-  if selector is not None:  # one checkpoint for every metric: the one chosen on valid
-    summary["selection"] = selector.summary()
-    final_params, final_method_state = selector.best_params, selector.best_method_state
-  result = protocol.evaluate(lambda b: predict(final_params, device_batch(b), final_method_state),
-                             split, conditions, batch_size=config.eval.batch_size,
-                             seed=config.eval.seed,
-                             progress=lambda it: tqdm(it, desc="protocol", unit="condition",
-                                                      disable=not is_main, dynamic_ncols=True))
-  headline = HEADLINE[dataset.task]
-  summary["valid"] = evaluate_split(predict, final_params, dataset.splits["valid"],
-                                    config.eval.batch_size, final_method_state)
-  summary["protocol"] = result.to_dict()
-  summary["headline_metric"] = headline
-  record = {k: v for k, v in summary.items() if k not in ("final_params", "final_state")}
-  record["provenance"] = provenance(seed=config.seed, eval_seed=config.eval.seed)
-  if is_main:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(record, f, indent=2, default=float)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(render_results(record, result))
-    plot_protocol(result, headline, os.path.join(workdir, "results.png"),
-                  title=f"{method.name} on {dataset.name}, {config.eval.split} split")
-  summary["table"] = result
-  return summary
+  if len(seeds) != len(workdirs) or not seeds:
+    raise ValueError(f"need one work directory per seed, got {len(seeds)} seeds and "
+                     f"{len(workdirs)} directories")
+  configs = [config_lib.with_overrides(config, {"seed": int(s), "train.seeds": ()})
+             for s in seeds]
+  # every data file is read and checked here, once unless the data depend on the seed
+  first = load_data(configs[0])
+  datasets = [load_data(c) if _seed_dependent_data(c) and i else first
+              for i, c in enumerate(configs)]
+  if len(seeds) > 1:
+    for c, w in zip(configs, workdirs):  # refuse before anything is written
+      if on_change != "fresh":
+        check_workdir(c, w, on_change)
+  runs, predict = _open_runs(configs, workdirs, method, on_change, datasets)
+  why = _one_program(runs) if together and len(runs) > 1 else None
+  groups = [runs] if together and why is None else [[r] for r in runs]
+  if why is not None:
+    log.warning("training the seeds one at a time: %s", why)
+  summaries = []
+  for group in groups:
+    for r in group:
+      r.grouped = len(group) > 1
+      r.predict = predict
+      r.open(predict)
+    summaries += _train(group, vmapped=len(group) > 1)
+  return summaries
 
 
 def render_results(record: dict, result: protocol.ProtocolResult) -> str:
