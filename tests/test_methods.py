@@ -103,6 +103,8 @@ def test_dropout_independent_default_is_unchanged_bit_for_bit():
 
 
 def test_dropout_convention_config_errors_name_the_key():
+  from modalimmune_jax.config import _CHOICES
+  assert _CHOICES["method.dropout.convention"] == dr.CONVENTIONS
   config = with_overrides(base_config(), {"method.name": "dropout"})
   with pytest.raises(ConfigError, match="'method.dropout.convention'"):
     validate_config(with_overrides(config, {"method.dropout.convention": "per_batch"}))
