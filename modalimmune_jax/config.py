@@ -71,8 +71,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.method.name = "plain"               # plain | dropout | modalimmune | consistency | ebr | distill | cmpt
   c.method.reconstruction_weight = 1.0  # mu, used when model.reconstruction
   c.method.dropout = ml_collections.ConfigDict()
-  c.method.dropout.rate = 0.3           # per (sample, modality), at least one kept
-  c.method.dropout.rates = ()           # one rate per modality (overrides rate)
+  c.method.dropout.rate = 0.3           # the convention's rate (below); at least one kept
+  c.method.dropout.rates = ()           # one rate per modality (overrides rate; independent)
+  # how removed cells are drawn (methods/dropout.py): independent (per cell, ours) |
+  # cell_eta (CPM-Net/GCNet) | sample_eta (MAP/CMPT/MPLMM) | mmdrop (slp: per batch)
+  c.method.dropout.convention = "independent"
+  c.method.dropout.patterns = "any"     # sample_eta's missing patterns: any | single
   # Consistency regularisation (Cai et al. 2025; sources as in ../shared/BASELINES.md
   # and docs/method.md: "code" = the authors' repository, "ours" = our choice).
   co = c.method.consistency = ml_collections.ConfigDict()
@@ -240,6 +244,8 @@ _CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "method.name": ("plain", "dropout", "modalimmune", "consistency", "ebr", "distill",
                     "cmpt"),
+    "method.dropout.convention": ("independent", "cell_eta", "sample_eta", "mmdrop"),
+    "method.dropout.patterns": ("any", "single"),
     "method.distill.target": ("modality", "fused"),
     "method.cmpt.patterns": ("any", "single"),
     "method.cmpt.distance": ("mse", "l1", "cosine"),
@@ -367,6 +373,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if given[key] % k:
       raise ConfigError(f"config key {key!r} ({given[key]}) must be a multiple of "
                         f"'train.steps_per_dispatch' ({k})")
+  if len(given["method.dropout.rates"]) and given["method.dropout.convention"] != "independent":
+    raise ConfigError("config key 'method.dropout.rates' (one rate per modality) needs "
+                      "'method.dropout.convention' 'independent'; use 'method.dropout.rate'")
   steps = given["method.consistency.pgd_steps"]
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
     raise ConfigError("config key 'method.consistency.pgd_steps' must be an integer >= 0, "

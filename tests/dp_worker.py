@@ -4,10 +4,12 @@
     python tests/dp_worker.py modalimmune OUT.npz           (the same, ModalImmune)
     python tests/dp_worker.py consistency OUT.npz           (the same, consistency regularisation)
     python tests/dp_worker.py cmpt OUT.npz                  (the same, CMPT across its freeze)
+    python tests/dp_worker.py ebr+distill OUT.npz           (EBR, then distillation, tiny model)
     python tests/dp_worker.py process OUT.npz PORT NPROC PID  (jax.distributed over gloo)
 
-Writes the flat final parameters of the N-device (and, for ``devices``, the
-1-device) run to OUT.npz.
+Writes the flat final parameters (and method state) of the N-device and the
+1-device run to OUT.npz (``many``, ``one``; for a ``+`` mode ``many_<method>``,
+``one_<method>`` per method, one process hosting several checks).
 """
 
 import os
@@ -25,8 +27,14 @@ def run_steps(config, num_devices=0, steps=STEPS):
   magnitude, so for parameters whose gradient is at rounding level (padding
   positions, say) it turns the summation-order noise of a different device
   count into lr-sized differences. The subject here is the data-parallel
-  reduction, which SGD passes through unamplified.
+  reduction, which SGD passes through unamplified. The same holds for the
+  optimisers a method builds for its own parameters (EBR's nets, the
+  distillation teacher: ``train.make_optimizer``, Adam), made SGD here too
+  (the teacher's attention key biases have an exactly zero gradient, which
+  Adam turns into lr-sized steps of rounding noise).
   """
+  from unittest import mock
+
   import jax
   import numpy as np
   import optax
@@ -34,7 +42,8 @@ def run_steps(config, num_devices=0, steps=STEPS):
   from modalimmune_jax import train
 
   from modalimmune_jax.step import host_copy, shard_batch
-  run = train.setup(config, optimizer=optax.sgd(0.05), num_devices=num_devices)
+  with mock.patch.object(train, "make_optimizer", lambda *a, **k: optax.sgd(0.05)):
+    run = train.setup(config, optimizer=optax.sgd(0.05), num_devices=num_devices)
   state, step, batches, mesh = run.state, run.step_fn, run.batches, run.mesh
   rng = jax.random.key(config.seed)
   for s in range(steps):
@@ -64,6 +73,14 @@ def worker_config(method="plain"):
     co.weight, co.pgd_eps, co.pgd_step_size = 0.5, 0.05, 10.0
   if method == "cmpt":  # 2 plain steps, then 2 with sample-eta drops and alignment
     config.method.cmpt.pretrain_fraction = 2 / config.train.steps
+  if method in ("ebr", "distill"):  # a tiny model: these checks are about the reductions
+    config.data.synthetic.shapes = {"text": (1, 6), "audio": (1, 4), "vision": (1, 2)}
+    config.data.synthetic.variable_length = False
+    config.model.hidden, config.model.num_heads = 8, 2
+    config.method.ebr.shared_dim, config.method.ebr.hidden = 8, 8
+  if method == "distill":  # 2 teacher steps, then 2 distilling; student dropout makes the
+    d = config.method.distill  # devices' present-cell counts differ (global denominators)
+    d.teacher_fraction, d.dropout_rate = 2 / config.train.steps, 0.5
   return config
 
 
@@ -79,6 +96,12 @@ def main():
     if jax.process_index() == 0:
       np.savez(out, params=params, devices=n, processes=jax.process_count())
     jax.distributed.shutdown()
+  elif "+" in mode:  # several methods in one process (one interpreter and jax start)
+    res = {}
+    for method in mode.split("+"):
+      res[f"many_{method}"], n, _ = run_steps(worker_config(method))
+      res[f"one_{method}"], _, _ = run_steps(worker_config(method), num_devices=1)
+    np.savez(out, devices=n, **res)
   else:
     method = mode if mode in ("modalimmune", "consistency", "cmpt") else "plain"
     many, n, state = run_steps(worker_config(method))

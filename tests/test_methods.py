@@ -8,9 +8,12 @@ import pytest
 
 from modalimmune_jax import controller as ctrl
 from modalimmune_jax import spectral
+from modalimmune_jax.config import ConfigError, base_config, validate_config, with_overrides
 from modalimmune_jax.masking import random_presence, remove_modalities
+from modalimmune_jax.methods import dropout as dr
 from modalimmune_jax.methods import modalimmune as mi
-from modalimmune_jax.methods.base import local_rows
+from modalimmune_jax.methods.base import ModelFns, local_rows
+from modalimmune_jax.methods.plain import supervised_loss
 
 
 def _batch(n=6, names=("a", "b", "c")):
@@ -43,6 +46,77 @@ def test_random_presence_rate_and_never_empty():
   expected = np.asarray(rates) - rescue
   sigma = np.sqrt(expected * (1 - expected) / 20000)
   np.testing.assert_array_less(np.abs((1 - keep.mean(0)) - expected), 5 * sigma)
+
+
+@pytest.mark.parametrize("convention", dr.CONVENTIONS)
+def test_dropout_conventions_keep_their_target_fraction_and_never_empty_a_sample(convention):
+  n, m, rate, draws = 16, 3, 0.5, 2000
+  keys = jax.random.split(jax.random.key(7), draws)
+  keep = np.asarray(jax.jit(jax.vmap(
+      lambda k: dr.dropout_presence(k, n, m, rate, convention)))(keys))
+  assert keep.any(-1).all()
+  kept = keep.mean((1, 2))  # per batch
+  target = dr.expected_kept_fraction(n, m, rate, convention)
+  if convention == "cell_eta":  # exact in every batch: round(0.5 * 16 * 3) = 24 cells off
+    np.testing.assert_array_equal(kept, 0.5)
+  if convention == "sample_eta":  # exactly round(rate * n) samples hit in every batch
+    np.testing.assert_array_equal((~keep.all(-1)).sum(-1), 8)
+  if convention == "mmdrop":  # a batch is untouched or every sample lost exactly one
+    assert np.all((keep.sum(-1) == 3).all(-1) | (keep.sum(-1) == 2).all(-1))
+  assert abs(kept.mean() - target) <= 5 * kept.std() / np.sqrt(draws) + 1e-7, (kept.mean(),
+                                                                               target)
+
+
+def _tiny_model_and_batch(n=8):
+  from flax import nnx
+
+  from modalimmune_jax import data
+  from modalimmune_jax.model import MultimodalModel
+  shapes = {"a": (1, 4), "b": (1, 3), "c": (1, 2)}
+  ds = data.make_synthetic((n, 2, 2), shapes=shapes, seed=0)
+  graphdef, params = nnx.split(MultimodalModel(shapes, "classification", ds.num_outputs,
+                                               hidden=8, num_heads=2, rngs=nnx.Rngs(0)))
+  batch = {k: v for k, v in ds.splits["train"].batch(np.arange(n)).items() if k != "index"}
+  return ModelFns(graphdef, tuple(shapes), "classification"), params, jax.tree.map(
+      jnp.asarray, batch)
+
+
+def test_dropout_independent_default_is_unchanged_bit_for_bit():
+  """The default convention is today's draw: random_presence on the first half
+  of the split key, the rest of the loss as before."""
+  model, params, batch = _tiny_model_and_batch()
+  rates = jnp.array([0.2, 0.5, 0.5], jnp.float32)
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(dr.dropout_presence(key, 8, 3, (0.2, 0.5, 0.5)),
+                                random_presence(key, 8, rates))
+
+  @jax.jit  # one program (eager dispatch of the model costs more than its compile)
+  def both(params, batch):
+    got, _, metrics = dr.modality_dropout(model, (0.2, 0.5, 0.5)).loss(params, (), batch, key)
+    k_mask, k_model = jax.random.split(key)
+    dropped = remove_modalities(batch, random_presence(k_mask, 8, rates), model.names)
+    expect, _, _ = supervised_loss(model, params, dropped, k_model, 1.0)
+    return got, expect, metrics["kept_fraction"], jnp.mean(dropped["presence"])
+
+  got, expect, kept, expect_kept = both(params, batch)
+  assert float(got) == float(expect) and float(kept) == float(expect_kept)
+
+
+def test_dropout_convention_config_errors_name_the_key():
+  from modalimmune_jax.config import _CHOICES
+  assert _CHOICES["method.dropout.convention"] == dr.CONVENTIONS
+  config = with_overrides(base_config(), {"method.name": "dropout"})
+  with pytest.raises(ConfigError, match="'method.dropout.convention'"):
+    validate_config(with_overrides(config, {"method.dropout.convention": "per_batch"}))
+  with pytest.raises(ConfigError, match="'method.dropout.rates'"):
+    validate_config(with_overrides(config, {"method.dropout.convention": "cell_eta",
+                                            "method.dropout.rates": (0.1, 0.2, 0.3)}))
+  model = ModelFns(None, ("a", "b", "c"), "classification")
+  with pytest.raises(ConfigError, match="'method.dropout.rate'.*0.6667"):
+    dr.from_config(with_overrides(config, {"method.dropout.convention": "cell_eta",
+                                           "method.dropout.rate": 0.9}), model, None)
+  assert dr.from_config(with_overrides(config, {"method.dropout.convention": "sample_eta"}),
+                        model, None).name == "dropout"
 
 
 def test_controller_moves_toward_the_modality_the_model_leans_on():

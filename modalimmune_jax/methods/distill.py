@@ -74,11 +74,17 @@ def teacher_targets(model: ModelFns, teacher, batch: dict, target: str = "modali
   return jax.lax.stop_gradient(z)
 
 
-def feature_mse(student: jax.Array, target: jax.Array, present: jax.Array) -> jax.Array:
-  """Mean over present cells of ``||z_m - t_m||^2 / k``."""
+def feature_mse(student: jax.Array, target: jax.Array, present: jax.Array,
+                axis_name: str | None = None) -> jax.Array:
+  """Mean over present cells of ``||z_m - t_m||^2 / k``; with ``axis_name``
+  (inside ``shard_map``) the denominator is the device mean of the counts, as
+  in :func:`~modalimmune_jax.methods.base.reconstruction_loss`."""
   w = present.astype(student.dtype)
   err = jnp.mean((student - target) ** 2, -1)
-  return jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0)
+  count = jnp.sum(w)
+  if axis_name is not None:
+    count = jax.lax.pmean(count, axis_name)
+  return jnp.sum(err * w) / jnp.maximum(count, 1.0)
 
 
 def distill(model: ModelFns, teacher_params, teacher_steps: int,
@@ -117,7 +123,7 @@ def distill(model: ModelFns, teacher_params, teacher_steps: int,
     total, metrics, out = supervised_loss(model, params, student_batch, k_model,
                                           reconstruction_weight, axis_name)
     targets = teacher_targets(model, state.teacher, batch, target)
-    mse = feature_mse(out["embeddings"], targets, student_batch["presence"])
+    mse = feature_mse(out["embeddings"], targets, student_batch["presence"], axis_name)
     total = total + weight * state.distilling * mse
     metrics.update(distill_mse=mse, distilling=state.distilling)
     return total, 0.0, metrics

@@ -1,14 +1,40 @@
 """Modality dropout: train on randomly removed modalities.
 
-``../shared/BASELINES.md`` lists what the field does (one modality per batch,
-per-sample patterns, train at the test rate). Ours: each (sample, modality)
-cell is removed with its modality's rate, independently per sample, at least
-one modality kept per sample (a sample that would lose all keeps one, chosen
-uniformly), and a removed modality is handled exactly as at test time
-(:func:`modalimmune_jax.masking.remove_modalities`: features zeroed, frames
-masked, presence bit off). No rescaling of the kept modalities. The pattern
-is drawn for the global batch and each device takes its rows, so N devices
-train exactly as one.
+No single reference (``../shared/BASELINES.md``); ``convention`` picks how the
+removed cells are drawn, each with the protocol's own generator
+(:mod:`modalimmune_jax.masking`, one place per primitive), so training can use
+the missing-rate meaning a table is evaluated under:
+
+* ``"independent"`` (default; ours): each (sample, modality) cell removed with
+  its modality's rate, independently, at least one modality kept per sample (a
+  sample that would lose all keeps one, chosen uniformly):
+  :func:`~modalimmune_jax.masking.random_presence`, the protocol's
+  ``random_missing``;
+* ``"cell_eta"`` (CPM-Net / GCNet, who train at the test rate): exactly
+  ``round(rate * B * M)`` of the batch's cells removed, at least one modality
+  kept per sample, ``rate <= (M - 1) / M``:
+  :func:`~modalimmune_jax.masking.cell_eta_presence`, the protocol's
+  ``cell_missing``;
+* ``"sample_eta"`` (MAP / CMPT; MPLMM's per-sample patterns, ``src/mosidata.py``,
+  draw one of the ``2^M - 2`` patterns for a sample with probability 0.6-0.7):
+  ``round(rate * B)`` samples of the batch miss one or more modalities, split
+  equally between the ``patterns`` of :func:`~modalimmune_jax.masking.keep_patterns`:
+  :func:`~modalimmune_jax.masking.sample_eta_presence`, the protocol's
+  ``sample_missing``;
+* ``"mmdrop"`` (georgepar/slp ``slp/modules/mmdrop.py``, ``HardMultimodalDropout``):
+  with probability ``rate``, one draw per batch, every sample of the batch
+  loses one modality, the modalities split equally between the samples
+  (``sample_eta_presence`` at rate 1 with the ``"single"`` patterns; slp draws
+  each sample's modality independently and uniformly, which has the same
+  mean). slp also multiplies every modality by ``1 / (1 - rate / M)``, in
+  evaluation too; we do not rescale (removal as at test time, below).
+
+Every convention removes a modality exactly as the protocol does
+(:func:`~modalimmune_jax.masking.remove_modalities`: features zeroed, frames
+masked, presence bit off). The pattern is drawn for the global batch from the
+step's key (the same on every device) and each device takes its rows
+(:func:`~modalimmune_jax.methods.base.local_rows`), so N devices train
+exactly as one.
 """
 
 from __future__ import annotations
@@ -18,27 +44,93 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from modalimmune_jax.masking import random_presence, remove_modalities
+from modalimmune_jax.masking import (PATTERNS, cell_eta_presence, keep_patterns,
+                                     max_cell_eta, missing_count, random_presence,
+                                     remove_modalities, sample_eta_presence)
 from modalimmune_jax.methods.base import Method, ModelFns, global_batch_size, local_rows
 from modalimmune_jax.methods.plain import supervised_loss
 
-__all__ = ["modality_dropout", "from_config"]
+__all__ = ["CONVENTIONS", "dropout_presence", "expected_kept_fraction", "modality_dropout",
+           "from_config"]
+
+CONVENTIONS = ("independent", "cell_eta", "sample_eta", "mmdrop")
+
+
+def _check(convention: str, rates, num_modalities: int, patterns: str) -> None:
+  if convention not in CONVENTIONS:
+    raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+  if patterns not in PATTERNS:
+    raise ValueError(f"patterns must be one of {PATTERNS}, got {patterns!r}")
+  if convention != "independent" and jnp.ndim(rates) != 0:
+    raise ValueError(f"convention {convention!r} takes one rate, not one per modality")
+  if convention == "cell_eta" and float(rates) > max_cell_eta(num_modalities) + 1e-9:
+    raise ValueError(f"cell eta {float(rates)} exceeds (M-1)/M = "
+                     f"{max_cell_eta(num_modalities):.4g} for M = {num_modalities}")
+
+
+def dropout_presence(key: jax.Array, num_samples: int, num_modalities: int,
+                     rates: float | Sequence[float] = 0.3, convention: str = "independent",
+                     patterns: str = "any") -> jax.Array:
+  """``(N, M)`` kept cells of one batch under ``convention`` (module docstring).
+
+  ``rates``: one rate, or (``"independent"`` only) one per modality. Every
+  convention keeps at least one modality per sample. ``"independent"`` is
+  exactly ``random_presence(key, N, rates)``.
+
+  Example:
+    >>> keep = dropout_presence(jax.random.key(0), 64, 3, 0.5, "cell_eta")  # 96 cells off
+  """
+  _check(convention, rates, num_modalities, patterns)
+  n, m = num_samples, num_modalities
+  if convention == "independent":
+    return random_presence(key, n, jnp.broadcast_to(jnp.asarray(rates, jnp.float32), (m,)))
+  if convention == "cell_eta":
+    return cell_eta_presence(key, n, m, float(rates))
+  if convention == "sample_eta":
+    return sample_eta_presence(key, n, m, float(rates), patterns)
+  k_hit, k_which = jax.random.split(key)  # mmdrop
+  hit = jax.random.uniform(k_hit) < rates
+  return sample_eta_presence(k_which, n, m, 1.0, "single") | ~hit
+
+
+def expected_kept_fraction(num_samples: int, num_modalities: int, rate: float,
+                           convention: str, patterns: str = "any") -> float:
+  """The mean fraction of kept cells per batch under a convention with one rate.
+
+  Example:
+    >>> expected_kept_fraction(64, 3, 0.5, "cell_eta")  # 1 - 96 / 192
+    0.5
+  """
+  _check(convention, rate, num_modalities, patterns)
+  n, m = num_samples, num_modalities
+  if convention == "independent":  # minus the rescued cells of all-missing samples
+    return 1.0 - (rate - rate ** m / m)
+  if convention == "cell_eta":
+    return 1.0 - missing_count(n, m, rate) / (n * m)
+  if convention == "sample_eta":  # the patterns' counts are equal in expectation
+    lost = 1.0 - keep_patterns(m, patterns).mean()
+    return 1.0 - round(rate * n) / n * lost
+  return 1.0 - rate / m  # mmdrop
 
 
 def modality_dropout(model: ModelFns, rates: float | Sequence[float] = 0.3,
-                     reconstruction_weight: float = 1.0) -> Method:
-  """Per-sample, per-modality dropout at ``rates`` (one rate, or one per modality).
+                     reconstruction_weight: float = 1.0, convention: str = "independent",
+                     patterns: str = "any") -> Method:
+  """Modality dropout at ``rates`` under ``convention`` (one rate, or one per
+  modality for ``"independent"``); ``patterns`` for ``"sample_eta"``.
 
   Example:
     >>> method = modality_dropout(model_fns, rates=(0.1, 0.5, 0.5))
+    >>> method = modality_dropout(model_fns, 0.5, convention="cell_eta")
   """
   m = len(model.names)
-  rates = jnp.broadcast_to(jnp.asarray(rates, jnp.float32), (m,))
+  _check(convention, rates, m, patterns)
 
   def loss(params, state, batch, rng, axis_name=None):
     k_mask, k_model = jax.random.split(rng)
     n_global = global_batch_size(batch, axis_name)
-    keep = local_rows(random_presence(k_mask, n_global, rates), axis_name)
+    keep = local_rows(dropout_presence(k_mask, n_global, m, rates, convention, patterns),
+                      axis_name)
     dropped = remove_modalities(batch, keep, model.names)
     total, metrics, _ = supervised_loss(model, params, dropped, k_model,
                                         reconstruction_weight, axis_name)
@@ -49,10 +141,16 @@ def modality_dropout(model: ModelFns, rates: float | Sequence[float] = 0.3,
 
 
 def from_config(config, model: ModelFns, dataset) -> Method:
+  from modalimmune_jax.config import ConfigError
   d = config.method.dropout
   if len(d.rates) not in (0, len(model.names)):
-    from modalimmune_jax.config import ConfigError
     raise ConfigError(f"config key 'method.dropout.rates' needs one rate per modality "
                       f"{model.names}, got {tuple(d.rates)}")
+  top = max_cell_eta(len(model.names))
+  if d.convention == "cell_eta" and d.rate > top + 1e-9:
+    raise ConfigError(f"config key 'method.dropout.rate' is a cell eta here (convention "
+                      f"'cell_eta'): at most (M-1)/M = {top:.4g} for {len(model.names)} "
+                      f"modalities, got {d.rate}")
   rates = tuple(d.rates) if len(d.rates) else d.rate
-  return modality_dropout(model, rates, config.method.reconstruction_weight)
+  return modality_dropout(model, rates, config.method.reconstruction_weight, d.convention,
+                          d.patterns)

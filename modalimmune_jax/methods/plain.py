@@ -10,10 +10,15 @@ __all__ = ["plain", "from_config"]
 
 def supervised_loss(model: ModelFns, params, batch, rng, reconstruction_weight,
                     axis_name=None, hook=None):
-  """``(task + mu * reconstruction, metrics)`` of one forward pass."""
+  """``(task + mu * reconstruction, metrics, out)`` of one forward pass.
+
+  Inside ``shard_map`` the reconstruction loss divides by the device mean of
+  the present-cell counts, so a batch with modalities removed (dropout,
+  distillation's student) gives the global-batch mean on N devices as on one.
+  """
   out = model.apply(params, batch, rng, hook=hook, axis_name=axis_name)
   task = model.task_loss(out["outputs"], batch["labels"])
-  recon = reconstruction_loss(out, batch["presence"])
+  recon = reconstruction_loss(out, batch["presence"], axis_name)
   metrics = {"task_loss": task, "recon_loss": recon}
   return task + reconstruction_weight * recon, metrics, out
 
