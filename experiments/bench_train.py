@@ -16,11 +16,11 @@ and ``modalimmune`` (the configs' defaults). Measured in one run, per row:
 * ``old loop``: what the loop did before (host builds and transfers each
   batch, reads the non-finite flag back every step), for the before/after
   ratio on the same machine in the same run;
-* ``1 seed`` / ``4 vmapped seeds``: ``jit(step)`` and ``jit(vmap(step))``
-  over 4 independent states and batches; samples/s of each and the ratio
-  (plain only: ModalImmune's periodic parts are ``lax.cond`` on the step,
-  which ``vmap`` turns into a select that runs both branches every step, the
-  hyper-gradient solve included; a first try ran for over 8 minutes);
+* ``1 seed`` / ``4 vmapped seeds``: the loop's step against the one-program
+  step of 4 seeds that ``train.train_seeds`` runs
+  (``make_parallel_step(seeds=True)``: the step counter shared, so
+  ModalImmune's periodic ``lax.cond`` stay branches), alternated 3 times,
+  medians; samples/s of each and the ratio;
 * first step, cold and warm: the command line in a fresh process with an
   empty persistent compilation cache, then again with the cache it filled.
 
@@ -47,7 +47,10 @@ import jax  # noqa: E402
 from modalimmune_jax import train  # noqa: E402
 from modalimmune_jax.config import with_overrides  # noqa: E402
 from modalimmune_jax.provenance import provenance  # noqa: E402
-from modalimmune_jax.step import host_copy, make_train_step, shard_batch  # noqa: E402
+import numpy as np  # noqa: E402
+
+from modalimmune_jax.step import (host_copy, make_parallel_step, shard_batch,  # noqa: E402
+                                  stack_states)
 
 
 def workloads():
@@ -107,30 +110,35 @@ def loop_rate(config, steps):
   return (s1 - s0) / (t1 - t0)
 
 
-def vmap_rates(config, steps, seeds=4):
-  """samples/s of one seed and of ``seeds`` seeds in one vmapped program."""
-  runs = [train.setup(with_overrides(config, {"seed": s}), num_devices=1)
-          for s in range(seeds)]
-  step = make_train_step(runs[0].method, runs[0].optimizer)
-  one = jax.jit(step, donate_argnums=(0,))
-  many = jax.jit(jax.vmap(step), donate_argnums=(0,))
-  batches = [jax.device_put(runs[i].batches(0)) for i in range(seeds)]
-  keys = jax.random.split(jax.random.key(0), seeds)
-  stack = lambda *xs: jax.tree.map(lambda *a: jax.numpy.stack(a), *xs)
-  states, batch = stack(*[r.state for r in runs]), stack(*batches)
-  state = jax.tree.map(lambda x: x.copy(), runs[0].state)
-  rates = {}
-  for name, fn, st, b, k in (("1", one, state, batches[0], keys[0]),
-                             (str(seeds), many, states, batch, keys)):
-    st, m = fn(st, b, k)
-    jax.block_until_ready(m)
+def vmap_rates(config, steps, seeds=4, rounds=3):
+  """samples/s of one seed (the loop's step) and of ``seeds`` seeds in the
+  library's one-program step (``make_parallel_step(seeds=True)``, what
+  ``train.train_seeds`` runs), alternated ``rounds`` times; the medians."""
+  runs = [train.setup(with_overrides(config, {"seed": s})) for s in range(seeds)]
+  lead = runs[0]
+  many = make_parallel_step(lead.method, lead.optimizer, lead.mesh, seeds=True)
+  batch1 = shard_batch(lead.batches(0), lead.mesh)
+  batch = shard_batch(jax.tree.map(lambda *xs: np.stack(xs), *[r.batches(0) for r in runs]),
+                      lead.mesh, seeds=True)
+  keys = jax.numpy.stack([jax.random.key(s) for s in range(seeds)])
+  state1 = fresh(lead.state)
+  state = stack_states([fresh(r.state) for r in runs])
+  state1, m = lead.step_fn(state1, batch1, keys[0])
+  state, m = many(state, batch, keys)
+  jax.block_until_ready((state1, state))
+  rates = {"1": [], "many": []}
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for s in range(steps):
+      state1, m = lead.step_fn(state1, batch1, jax.random.fold_in(keys[0], s))
+    jax.block_until_ready((state1, m))
+    rates["1"].append(steps * config.train.batch_size / (time.perf_counter() - t0))
     t0 = time.perf_counter()
     for _ in range(steps):
-      st, m = fn(st, b, k)
-    jax.block_until_ready((st, m))
-    n = 1 if name == "1" else seeds
-    rates[name] = n * steps * config.train.batch_size / (time.perf_counter() - t0)
-  return rates["1"], rates[str(seeds)]
+      state, m = many(state, batch, keys)
+    jax.block_until_ready((state, m))
+    rates["many"].append(seeds * steps * config.train.batch_size / (time.perf_counter() - t0))
+  return float(np.median(rates["1"])), float(np.median(rates["many"]))
 
 
 def first_step_cold_warm(config_arg, overrides, method):
@@ -169,10 +177,8 @@ def main():
       old = old_loop_rate(run, args.steps)
       print(f"[{name} / {method}] loop ...", file=sys.stderr, flush=True)
       loop = loop_rate(config, args.steps)
-      one = four = float("nan")
-      if method == "plain":  # see the module docstring for why not ModalImmune
-        print(f"[{name} / {method}] vmap ...", file=sys.stderr, flush=True)
-        one, four = vmap_rates(config, max(args.steps // 4, 10))
+      print(f"[{name} / {method}] vmap ...", file=sys.stderr, flush=True)
+      one, four = vmap_rates(config, max(args.steps // 4, 10))
       print(f"[{name} / {method}] first step ...", file=sys.stderr, flush=True)
       cold, warm = first_step_cold_warm(config_arg, {k: (v if not isinstance(v, tuple) else
                                                          f"({','.join(map(str, v))},)")
