@@ -24,3 +24,27 @@ def x64():
   """Run a test in float64 (for oracle comparisons near rounding level)."""
   with jax.enable_x64(True):
     yield
+
+
+def _shared_fixture_module(item):
+  """The test module whose module-scoped fixture ``item`` uses (None if none)."""
+  info = getattr(item, "_fixtureinfo", None)
+  for defs in (info.name2fixturedefs.values() if info is not None else ()):
+    if defs and defs[-1].scope in ("module", "package", "session") and defs[-1].baseid:
+      return item.module.__name__  # a fixture of the project's tests, not a plugin's
+  return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Scheduling only (no test changes): the tests that share one of their
+  module's module-scoped fixtures (a trained reference run, say) form one
+  ``xdist_group``, so ``--dist loadgroup`` (setup.cfg) builds it in one worker
+  only; and the tests marked ``slow`` start first, so the two workers do not
+  end with one long test left on one of them."""
+  if config.pluginmanager.hasplugin("xdist"):
+    for item in items:
+      module = _shared_fixture_module(item)
+      if module is not None:
+        item.add_marker(pytest.mark.xdist_group(module))
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable

@@ -31,10 +31,12 @@ from tests import fakes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Corrupt inputs make numpy warn (empty tables, casts out of range): expected here.
+# Corrupt inputs make numpy warn (empty tables, casts out of range, squares of values
+# near float64's limit): expected here.
 pytestmark = [pytest.mark.filterwarnings("ignore:loadtxt. input contained no data"),
               pytest.mark.filterwarnings("ignore:overflow encountered in cast"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered in cast")]
+              pytest.mark.filterwarnings("ignore:invalid value encountered in cast"),
+              pytest.mark.filterwarnings("ignore:overflow encountered in square")]
 
 
 def _settings(max_examples):
