@@ -264,6 +264,7 @@ def test_config_rejects_bad_cmpt_values():
       validate_config(config)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_resumes_across_the_freeze(tmp_path):
   """The phase lives in the checkpoint: stopped after step 5 (plain, of 6) and resumed,
   the run ends where an uninterrupted one does; the protocol evaluates with proxies."""

@@ -53,6 +53,7 @@ def test_covering_rows_cover_every_pair():
     assert {(r[i], r[j]) for r in rows} == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", covering_rows(len(SWITCHES)))
 def test_switch_combinations_train_without_nan(row):
   config = with_overrides(small_config(), {key: values[bit] for (key, values), bit
@@ -72,6 +73,7 @@ def _leaves(tree):
   return [np.asarray(keys(x)) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_stopped_modalimmune_run_resumes_exactly(tmp_path):
   """Params, optimiser state (curvature-mask EMA and key), controller,
   meta-parameters and their optimiser state: bit-identical after a resume."""

@@ -20,6 +20,7 @@ def _env(xla_flags=""):
   return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["devices", "modalimmune", "consistency", "cmpt",
                                   "ebr+distill"])
 def test_four_devices_match_one(tmp_path, mode):

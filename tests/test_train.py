@@ -162,6 +162,7 @@ def test_trains_end_to_end_on_benchmark_layouts(tmp_path, name, filename, layout
   assert rows["full"][key] is not None
 
 
+@pytest.mark.slow
 def test_curvature_mask_in_the_loop_survives_resume(uninterrupted, tmp_path):
   """A method's optax transformation gets obj_fn in the real step, and its state
   (which holds a typed PRNG key) is checkpointed and restored exactly."""
