@@ -1,13 +1,18 @@
 """Shared test settings: small shapes, CPU, deterministic seeds."""
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent XLA compilation cache for the session and the subprocesses it
-# starts: runs that compile the same program (resume tests, workers) compile once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      tempfile.mkdtemp(prefix="modalimmune-xla-cache-"))
+# One persistent XLA compilation cache for the session, its xdist workers and the
+# subprocesses it starts (they inherit the variable): runs that compile the same
+# program (resume tests, workers) compile once. Made by the process that finds
+# no cache set (pytest itself, or xdist's controller), removed when it ends.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="modalimmune-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The programs under test are tiny: XLA's backend optimisations cost far more
 # compile time than they save run time (ModalImmune's step: 26 s -> 16 s).
@@ -17,6 +22,11 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
