@@ -42,6 +42,7 @@ from modalimmune_jax.methods.base import Method, all_finite, has_floats
 
 __all__ = ["AXIS", "TrainState", "Health", "SEED_AXES", "init_state", "make_train_step",
            "make_mesh", "make_parallel_step", "make_loop_step", "fault_names", "device_data",
+           "split_arrays",
            "gather_batch", "device_batch", "shard_batch", "shard_indices", "host_copy",
            "stack_states", "seed_state"]
 
@@ -308,11 +309,16 @@ def make_loop_step(method: Method, optimizer: optax.GradientTransformation,
   return jax.jit(sharded, donate_argnums=(0,))
 
 
+def split_arrays(split) -> dict:
+  """A split's arrays as :func:`gather_batch` takes them (``inputs``, ``masks``,
+  ``labels``; host numpy)."""
+  return {"inputs": dict(split.modalities), "masks": dict(split.masks),
+          "labels": split.labels}
+
+
 def device_data(split, mesh: jax.sharding.Mesh) -> dict:
-  """A split's arrays (``inputs``, ``masks``, ``labels``), replicated on the mesh."""
-  arrays = {"inputs": dict(split.modalities), "masks": dict(split.masks),
-            "labels": split.labels}
-  return jax.device_put(arrays, NamedSharding(mesh, P()))
+  """A split's arrays (:func:`split_arrays`), replicated on the mesh."""
+  return jax.device_put(split_arrays(split), NamedSharding(mesh, P()))
 
 
 def gather_batch(data: dict, index) -> dict:

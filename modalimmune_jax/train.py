@@ -48,7 +48,8 @@ from modalimmune_jax.provenance import provenance
 from modalimmune_jax.step import (TrainState, device_batch, device_data, fault_names,
                                   gather_batch, host_copy, init_state, make_loop_step,
                                   make_mesh, make_parallel_step, make_train_step,
-                                  seed_state, shard_batch, shard_indices, stack_states)
+                                  seed_state, shard_batch, shard_indices, split_arrays,
+                                  stack_states)
 
 __all__ = [
     "NonFiniteError", "WorkdirError", "Interrupted", "load_data", "check_workdir", "build_model", "make_optimizer", "make_predict_fn",
@@ -209,11 +210,16 @@ def setup(config: ml_collections.ConfigDict,
     optimizer = optax.chain(optimizer, *method.post_transforms)
   state = jax.device_put(init_state(params, optimizer, method), NamedSharding(mesh, P()))
   t = config.train
-  max_bad = 1 if t.on_nonfinite == "stop" else t.max_nonfinite
-  step_fn = make_parallel_step(method, optimizer, mesh, max_bad)
-  loop_fn = make_loop_step(method, optimizer, mesh, max_bad)
+  step_fn = make_parallel_step(method, optimizer, mesh, _max_nonfinite(config))
+  loop_fn = make_loop_step(method, optimizer, mesh, _max_nonfinite(config))
   batches = Batches(dataset.splits["train"], t.batch_size, config.seed)
   return Setup(dataset, model, method, state, optimizer, mesh, step_fn, batches, loop_fn)
+
+
+def _max_nonfinite(config: ml_collections.ConfigDict) -> int:
+  """Bad steps in a row after which the step halts (1 with ``on_nonfinite='stop'``)."""
+  t = config.train
+  return 1 if t.on_nonfinite == "stop" else t.max_nonfinite
 
 
 def make_predict_fn(graphdef: nnx.GraphDef, predict_hook: Callable | None = None) -> Callable:
@@ -416,9 +422,8 @@ class _Run:
                               config.checkpoint.max_to_keep)
                  if config.checkpoint.enabled else None)
     self.state, self.start, self.seconds_before = self.setup.state, 0, 0.0
-    self.log_file, self.selector, self.reported = None, None, 0
-    train = dataset.splits["train"]
-    self.host_data = {"inputs": train.modalities, "masks": train.masks, "labels": train.labels}
+    self.log_file, self.selector, self.reported, self.grouped = None, None, 0, False
+    self.host_data = split_arrays(dataset.splits["train"])
 
   def eval_state(self, state):
     """The method state evaluation needs (None unless the method has a predict_hook)."""
@@ -436,10 +441,12 @@ class _Run:
       self.seconds_before = float(meta.get("train_seconds", 0.0))
     return self.start
 
-  def open(self, predict) -> None:
+  def open(self, predict, grouped: bool) -> None:
     """After the resume point is fixed: checks it, writes ``config.json``, opens
-    the log and the validation selector."""
+    the log and the validation selector (``grouped``: trained with other seeds
+    in one program, so messages name the work directory)."""
     config, workdir = self.config, self.workdir
+    self.grouped = grouped
     if self.start:
       log.info("resumed %s from its checkpoint of step %d", workdir, self.start)
     if self.start > config.train.steps:
@@ -482,8 +489,6 @@ class _Run:
       log.warning("%s: %d step(s) skipped so far (last: %s); their updates were not applied",
                   self.workdir, int(h.skipped), _describe_health(h, self.names))
     self.reported = int(h.skipped)
-
-  grouped = False
 
   def save(self, step: int, state, seconds: float) -> None:
     if self.ckpt is None or step in self.ckpt.manager.all_steps():
@@ -582,40 +587,39 @@ def _one_program(runs: Sequence[_Run]) -> str | None:
   return None
 
 
-def _train(runs: Sequence[_Run], vmapped: bool) -> list[dict[str, Any]]:
+def _train(runs: Sequence[_Run], predict: Callable, vmapped: bool) -> list[dict[str, Any]]:
   """The loop over ``runs`` (one, or several seeds of one config as one vmapped
-  program), then each run's evaluation. The runs are open and at one step."""
+  program), then each run's evaluation with ``predict``. The runs are open and
+  at one step."""
   lead = runs[0]
   config, mesh, method = lead.config, lead.setup.mesh, lead.method
   k, steps, stop_after = (config.train.steps_per_dispatch, config.train.steps,
                           config.train.stop_after)
   t = config.train
-  max_bad = 1 if t.on_nonfinite == "stop" else t.max_nonfinite
   shared = all(r.dataset is lead.dataset for r in runs)
   on_device = t.device_data == "device" or (
       t.device_data == "auto" and mesh.devices.flat[0].platform != "cpu")
-  predict = lead.predict
+  data = None  # host pipeline
+  if on_device:
+    data = (device_data(lead.dataset.splits["train"], mesh) if shared else
+            jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *[r.host_data for r in runs]),
+                           NamedSharding(mesh, P())))
   if vmapped:
     state = stack_states([r.state for r in runs])
     base = jax.numpy.stack([r.base_rng for r in runs])
     part = lambda tree, j: jax.tree.map(lambda x: x[j], tree)
     state_of = seed_state
     rows_of = lambda m, j: jax.tree.map(lambda x: x[:, j], m)
+    optimizer, max_bad = lead.setup.optimizer, _max_nonfinite(config)
     if on_device:
-      loop_fn = make_loop_step(method, lead.setup.optimizer, mesh, max_bad,
+      loop_fn = make_loop_step(method, optimizer, mesh, max_bad,
                                seeds="shared" if shared else "stacked")
-      data = (device_data(lead.dataset.splits["train"], mesh) if shared else
-              jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *[r.host_data for r in runs]),
-                             NamedSharding(mesh, P())))
     else:
-      step_fn = make_parallel_step(method, lead.setup.optimizer, mesh, max_bad, seeds=True)
+      step_fn = make_parallel_step(method, optimizer, mesh, max_bad, seeds=True)
   else:
     state, base = lead.state, lead.base_rng
     part = state_of = rows_of = lambda tree, j: tree
     loop_fn, step_fn = lead.setup.loop_fn, lead.setup.step_fn
-    data = device_data(lead.dataset.splits["train"], mesh) if on_device else None
-  if not on_device:
-    data = None
 
   def dispatch(state, step):
     """``k`` steps; the metrics as one ``(k, [S,] ...)`` tree or a list of ``k``."""
@@ -805,10 +809,8 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int],
   summaries = []
   for group in groups:
     for r in group:
-      r.grouped = len(group) > 1
-      r.predict = predict
-      r.open(predict)
-    summaries += _train(group, vmapped=len(group) > 1)
+      r.open(predict, grouped=len(group) > 1)
+    summaries += _train(group, predict, vmapped=len(group) > 1)
   return summaries
 
 
