@@ -177,10 +177,8 @@ def main():
       old = old_loop_rate(run, args.steps)
       print(f"[{name} / {method}] loop ...", file=sys.stderr, flush=True)
       loop = loop_rate(config, args.steps)
-      one = four = float("nan")
-      if not run.method.no_vmap_seeds:  # what train_seeds would refuse
-        print(f"[{name} / {method}] vmap ...", file=sys.stderr, flush=True)
-        one, four = vmap_rates(config, max(args.steps // 4, 10))
+      print(f"[{name} / {method}] vmap ...", file=sys.stderr, flush=True)
+      one, four = vmap_rates(config, max(args.steps // 4, 10))
       print(f"[{name} / {method}] first step ...", file=sys.stderr, flush=True)
       cold, warm = first_step_cold_warm(config_arg, {k: (v if not isinstance(v, tuple) else
                                                          f"({','.join(map(str, v))},)")

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 import optax.tree_utils as otu
 
+from modalimmune_jax import linalg
 from modalimmune_jax.curvature import hvp_operator
 
 __all__ = [
@@ -567,7 +568,7 @@ def neumann_hypergrad(inner_loss: Callable[..., jax.Array] | GaussNewton,
     cols, unravel = _mixed_columns(inner_loss, params, hparams, inner_args)
   gram = sum(jnp.tensordot(c, c, axes=(tuple(range(1, c.ndim)),) * 2)
              for c in jax.tree.leaves(cols))
-  mixed_norm = jnp.sqrt(jnp.maximum(jnp.max(jnp.linalg.eigvalsh(gram)), 0.0))
+  mixed_norm = jnp.sqrt(jnp.maximum(jnp.max(linalg.eigvalsh(gram)), 0.0))
   mu = jnp.asarray(known_mu, dtype=mixed_norm.dtype)
   rigorous = jnp.asarray(has_mu) & (mu > 0)
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from modalimmune_jax import linalg
+
 __all__ = [
     "energy_spectrum",
     "singular_spectrum",
@@ -126,7 +128,7 @@ def _psd_eigvalsh(gram: jax.Array) -> jax.Array:
   ``eigh``: linear in ``dG`` (forward mode, linearisation and reverse mode all
   work) and finite for repeated and zero eigenvalues.
   """
-  return jnp.linalg.svd(gram, compute_uv=False)
+  return linalg.svdvals(gram)
 
 
 @_psd_eigvalsh.defjvp
@@ -139,7 +141,7 @@ def _psd_eigvalsh_jvp(primals, tangents):
 def _psd_eigh(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(eigenvalues descending, eigenvectors as columns)`` of a symmetric matrix,
   with no derivative (used under ``stop_gradient``)."""
-  lam, vecs = jnp.linalg.eigh(jax.lax.stop_gradient(gram), symmetrize_input=False)
+  lam, vecs = linalg.eigh(gram)
   return lam[::-1], vecs[:, ::-1]
 
 

@@ -802,7 +802,7 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int],
   runs, predict = _open_runs(configs, workdirs, method, on_change, datasets)
   why = None
   if together and len(runs) > 1:
-    why = runs[0].method.no_vmap_seeds or _one_program(runs)
+    why = _one_program(runs)
   groups = [runs] if together and why is None else [[r] for r in runs]
   if why is not None:
     log.warning("training the seeds one at a time: %s", why)

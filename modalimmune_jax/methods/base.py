@@ -30,10 +30,7 @@ A :class:`Method` is a small NamedTuple of pure functions, in the style of an
 * ``predict_hook(params, method_state) -> hook``: the ``embedding_hook`` that
   evaluation runs the model with (:func:`modalimmune_jax.train.make_predict_fn`),
   for a method whose prediction needs its state (EBR's test-time fill);
-  default None: the model alone;
-* ``no_vmap_seeds``: why the method's seeds must train one at a time rather
-  than as one vmapped program (:func:`modalimmune_jax.train.train_seeds`);
-  default "": they may.
+  default None: the model alone.
 
 The train step (:mod:`modalimmune_jax.step`) carries one
 :class:`~modalimmune_jax.step.TrainState` (step, params, optimiser state,
@@ -86,7 +83,6 @@ class Method(NamedTuple):
   predict_hook: Callable[[Any, Any], Callable] | None = None
   post_transforms: tuple = ()
   # why its seeds must not share one vmapped program (train.train_seeds); "" = they may
-  no_vmap_seeds: str = ""
 
 
 def has_floats(tree) -> bool:

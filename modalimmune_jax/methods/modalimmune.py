@@ -376,11 +376,7 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
                                  s.mask_samples, seed=s.seed),)
   return Method("modalimmune", init=init, loss=loss, update=update, transforms=transforms,
                 split_destructive=s.curvature_mask and s.collapse, events=events,
-                objective=clean_objective, faults=faults,
-                # measured: 3 vmapped seeds on mfeat made no progress for over 6 minutes
-                # at the first hyper-step (one seed: 600 steps in 13-40 s); not yet
-                # investigated (the solver's while loops under vmap are the suspect)
-                no_vmap_seeds="its hyper-gradient solve stalled under vmap (mfeat, 3 seeds)")
+                objective=clean_objective, faults=faults)
 
 
 def from_config(config, model: ModelFns, dataset) -> Method:
