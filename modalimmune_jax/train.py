@@ -416,7 +416,11 @@ class _Run:
     os.makedirs(workdir, exist_ok=True)
     self.setup = setup(config, method, dataset=dataset)
     self.method = self.setup.method
-    self.base_rng = jax.random.key(config.seed)
+    # committed to the mesh like the state, so that a restored key (which orbax
+    # gives the template's sharding) makes the same program: a resume hits the
+    # compilation cache instead of compiling the step again
+    self.base_rng = jax.device_put(jax.random.key(config.seed),
+                                   NamedSharding(self.setup.mesh, P()))
     self.names = fault_names(self.method, self.setup.state.method_state)
     self.ckpt = (Checkpointer(os.path.join(workdir, "checkpoints"),
                               config.checkpoint.max_to_keep)
@@ -434,8 +438,7 @@ class _Run:
     self.state, self.start, self.seconds_before = self.setup.state, 0, 0.0
     if self.ckpt is None:
       return 0
-    restored = self.ckpt.restore_latest(self.setup.state, jax.random.key(self.config.seed),
-                                        at_most=at_most)
+    restored = self.ckpt.restore_latest(self.setup.state, self.base_rng, at_most=at_most)
     if restored is not None:
       self.start, self.state, self.base_rng, meta = restored
       self.seconds_before = float(meta.get("train_seconds", 0.0))
