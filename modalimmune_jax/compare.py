@@ -12,8 +12,11 @@ seed, evaluated on ``config.eval.split`` (test). The test split never enters a
 choice. Every run lives in its own work directory (``tune/<method>/<trial>``,
 ``<method>/seed<k>``) and resumes or is skipped when already done, so an
 interrupted comparison is rerun with the same command. The seeds of a method
-train as one vmapped program (``--together``, the default;
-:func:`modalimmune_jax.train.train_seeds`), each still in its own directory.
+train one after the other, reusing the step the tuning trials compiled;
+``--together`` trains them as one vmapped program instead
+(:func:`modalimmune_jax.train.train_seeds`), each still in its own directory:
+a new program to compile, which on a 2-core CPU cost more than it saved
+(experiments/README.md, "End to end").
 
 Writes ``comparison.md`` (tables: mean and standard deviation over seeds),
 ``comparison.json`` (every number, the chosen settings, the validation scores
@@ -44,7 +47,7 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each trains and evaluates on
 flags.DEFINE_bool("tune", True, "Spend the tuning budget (SEARCH) on the valid split first.")
 flags.DEFINE_bool("ablation", False, "Compare ModalImmune ablations (ABLATIONS) instead.")
 flags.DEFINE_bool("reference", True, "Fit and print the linear reference.")
-flags.DEFINE_bool("together", True, "Train the seeds of a method as one vmapped program "
+flags.DEFINE_bool("together", False, "Train the seeds of a method as one vmapped program "
                   "(train.train_seeds) where the method allows it; per-seed work directories "
                   "either way.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:variant]).",
@@ -204,8 +207,8 @@ def render(agg: dict, metric: str, *, title: str, dominant: str | None,
   head = ["full", "mean missing"] + ([drop_dom] if drop_dom else [])
   lines = [f"# {title}", "", f"{metric}{unit}, mean ± standard deviation over seeds "
            f"{runs_info['seeds']}, {runs_info['split']} split. 'mean missing': the mean over "
-           "every missing-modality condition (removals, random missing rates, frame rates; "
-           "not noise)." + (f" Dominant modality: {dominant}, {runs_info['dominant_how']} "
+           "every missing-modality condition (removals, random missing rates, cell- and "
+           "sample-eta rates, frame rates; not noise)." + (f" Dominant modality: {dominant}, {runs_info['dominant_how']} "
                             f"(removed in '{drop_dom}')." if drop_dom else ""), "",
            "| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
   for label in labels:
