@@ -121,7 +121,7 @@ def finished(config, workdir: str) -> dict | None:
                      "choose another --workdir")
 
 
-def run_seeds(config, seeds, workdirs, together: bool = True) -> list[dict]:
+def run_seeds(config, seeds, workdirs, together: bool = False) -> list[dict]:
   """``results.json`` of ``config`` at each seed, training (or finishing) those
   not done: as one vmapped program when ``together`` (see
   :func:`modalimmune_jax.train.train_seeds`)."""
@@ -208,8 +208,9 @@ def render(agg: dict, metric: str, *, title: str, dominant: str | None,
   lines = [f"# {title}", "", f"{metric}{unit}, mean ± standard deviation over seeds "
            f"{runs_info['seeds']}, {runs_info['split']} split. 'mean missing': the mean over "
            "every missing-modality condition (removals, random missing rates, cell- and "
-           "sample-eta rates, frame rates; not noise)." + (f" Dominant modality: {dominant}, {runs_info['dominant_how']} "
-                            f"(removed in '{drop_dom}')." if drop_dom else ""), "",
+           "sample-eta rates, frame rates; not noise)."
+           + (f" Dominant modality: {dominant}, {runs_info['dominant_how']} "
+              f"(removed in '{drop_dom}')." if drop_dom else ""), "",
            "| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
   for label in labels:
     shown = f"{label} ({REIMPLEMENTED[label]})" if label in REIMPLEMENTED else label

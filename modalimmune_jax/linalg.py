@@ -45,11 +45,8 @@ def _no_batched_lapack_under_vmap(decomposition: Callable) -> Callable:
   wrapped = jax.custom_batching.custom_vmap(decomposition)
 
   @wrapped.def_vmap
-  def rule(axis_size, in_batched, a):
-    del axis_size
-    if not in_batched[0]:
-      out = wrapped(a)
-      return out, jax.tree.map(lambda _: False, out)
+  def rule(axis_size, in_batched, a):  # called only when ``a`` is batched
+    del axis_size, in_batched
     out = jax.lax.platform_dependent(a, cpu=lambda x: jax.lax.map(wrapped, x),
                                      default=decomposition)
     return out, jax.tree.map(lambda _: True, out)

@@ -728,18 +728,6 @@ def _train(runs: Sequence[_Run], predict: Callable, vmapped: bool) -> list[dict[
           for j, r in enumerate(runs)]
 
 
-def _open_runs(configs, workdirs, method, on_change, datasets) -> tuple[list[_Run], Callable]:
-  runs = []
-  for config, workdir, dataset in zip(configs, workdirs, datasets):
-    runs.append(_Run(config, workdir, dataset, method, on_change))
-  # every run resumes from the newest step they all have
-  steps = [r.restore() for r in runs]
-  while len(set(steps)) > 1:
-    steps = [r.restore(at_most=min(steps)) for r in runs]
-  predict = make_predict_fn(runs[0].setup.graphdef, runs[0].method.predict_hook)
-  return runs, predict
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        method: Method | Callable[[ModelFns], Method] | None = None,
                        on_change: str = "refuse") -> dict[str, Any]:
@@ -802,13 +790,16 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int],
     for c, w in zip(configs, workdirs):  # refuse before anything is written
       if on_change != "fresh":
         check_workdir(c, w, on_change)
-  runs, predict = _open_runs(configs, workdirs, method, on_change, datasets)
-  why = None
-  if together and len(runs) > 1:
-    why = _one_program(runs)
-  groups = [runs] if together and why is None else [[r] for r in runs]
+  runs = [_Run(c, w, d, method, on_change) for c, w, d in zip(configs, workdirs, datasets)]
+  steps = [r.restore() for r in runs]
+  why = _one_program(runs) if together and len(runs) > 1 else None
   if why is not None:
     log.warning("training the seeds one at a time: %s", why)
+  if together and why is None:  # one program: every run resumes from the newest step all have
+    while len(set(steps)) > 1:
+      steps = [r.restore(at_most=min(steps)) for r in runs]
+  groups = [runs] if together and why is None else [[r] for r in runs]
+  predict = make_predict_fn(runs[0].setup.graphdef, runs[0].method.predict_hook)
   summaries = []
   for group in groups:
     for r in group:

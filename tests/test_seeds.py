@@ -106,3 +106,14 @@ def test_train_seeds_config_is_checked():
     validate_config(with_overrides(get_config(), {"train.seeds": (-1,)}))
   with pytest.raises(ValueError, match="one work directory per seed"):
     train.train_seeds(get_config(), [0, 1], ["only-one"])
+
+
+def test_seeds_one_at_a_time_resume_each_from_its_own_checkpoint(tmp_path):
+  """Only one program needs the seeds at one step: trained one at a time, a seed
+  ahead of the others keeps its newer checkpoint."""
+  dirs = [str(tmp_path / f"seed{s}") for s in SEEDS]
+  train.train_seeds(with_overrides(_config(), {"train.stop_after": 4}), SEEDS, dirs)
+  shutil.rmtree(os.path.join(dirs[1], "checkpoints", "4"))
+  resumed = train.train_seeds(_config(), SEEDS, dirs, together=False)
+  assert [s["start_step"] for s in resumed] == [4, 2]
+  assert not os.path.exists(os.path.join(dirs[0], "checkpoints.aside"))
