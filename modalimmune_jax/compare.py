@@ -107,18 +107,27 @@ selection_score = protocol.selection_score
 
 
 def finished(config, workdir: str) -> dict | None:
-  """``results.json`` of a finished run of ``config`` in ``workdir``, or None."""
+  """``results.json`` of a finished run of ``config`` in ``workdir``, or None.
+
+  The run's config must equal ``config`` except in the other methods' sections
+  (:func:`modalimmune_jax.config.differences`): a key added to EBR's section
+  does not make the finished plain runs stale, one added to plain's would.
+  """
+  from modalimmune_jax.config import differences
   path = os.path.join(workdir, "results.json")
   if not os.path.isfile(path):
     return None
   with open(path) as f:
     record = json.load(f)
-  if record.get("config") == json.loads(config.to_json_best_effort()):
+  diff = differences(record.get("config") or {}, config)
+  if not diff:
     print(f"done already: {workdir}", file=sys.stderr)
     return record
   from modalimmune_jax.train import WorkdirError
-  raise WorkdirError(f"{workdir} holds a finished run of another config; move it away or "
-                     "choose another --workdir")
+  listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diff[:4])
+  more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+  raise WorkdirError(f"{workdir} holds a finished run of another config ({listed}{more}); "
+                     "move it away or choose another --workdir")
 
 
 def run_seeds(config, seeds, workdirs, together: bool = False) -> list[dict]:

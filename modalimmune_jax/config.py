@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 __all__ = ["base_config", "validate_config", "with_overrides", "ConfigError", "flatten",
-           "trained_differences", "RUN_INDEPENDENT"]
+           "differences", "trained_differences", "unused_sections", "RUN_INDEPENDENT"]
 
 # Keys whose contents are free-form (not checked against the schema).
 FREE_FORM = ("data.synthetic.shapes",)
@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   eb.adversarial_weight = 0.01   # paper: modality-classifier CE weight (swept [1e-3, 1])
   eb.reversal = 1.0              # paper: gradient-reversal coefficient
   eb.similarity_decay = 0.99     # ours: EMA of the per-batch mean cosine similarity of g
+  eb.adversarial = "reversal"    # paper: gradient reversal | confusion (ours: CE to uniform)
+  eb.cross_weight = 1.0          # ours: cross-reconstruction training the fill (0 = as read)
+  eb.dropout_rate = 0.0          # ours: modality dropout on the training batch (0 = off)
   # Cross-modal knowledge distillation (the baseline the EBR paper motivates; a
   # REIMPLEMENTATION): a multimodal teacher trained for the first teacher_fraction of
   # train.steps inside the same loop (its params in the method state), then frozen.
@@ -222,20 +225,38 @@ RUN_INDEPENDENT = ("eval.", "checkpoint.", "distributed.", "train.log_every",
                    "train.max_nonfinite", "train.seeds")
 
 
-def trained_differences(old: dict, new: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
-  """``(key, old value, new value)`` for every key that changes what is trained.
+def unused_sections(method_name: str | None) -> tuple[str, ...]:
+  """Key prefixes of the other methods' sections (``method.<other>.``): no run of
+  ``method_name`` reads them (each method's ``from_config`` reads its own
+  section and ``method.reconstruction_weight``), so a key added to or changed in
+  one of them does not change the run."""
+  return tuple(f"method.{name}." for name in _CHOICES["method.name"] if name != method_name)
+
+
+def differences(old: dict, new: ml_collections.ConfigDict,
+                ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+  """``(key, old value, new value)`` for every key that differs, ``"<absent>"``
+  for a missing one, skipping keys that start with ``ignore`` and the other
+  methods' sections (:func:`unused_sections` of the new ``method.name``; a
+  change of ``method.name`` itself is listed).
 
   ``old`` is the JSON of the config a work directory was made with.
   """
   import json
   a, b = flatten(old), flatten(json.loads(new.to_json_best_effort()))
+  ignore = tuple(ignore) + unused_sections(b.get("method.name"))
   out = []
   for key in sorted(set(a) | set(b)):
-    if key.startswith(RUN_INDEPENDENT):
+    if key.startswith(ignore):
       continue
     if a.get(key, "<absent>") != b.get(key, "<absent>"):
       out.append((key, a.get(key, "<absent>"), b.get(key, "<absent>")))
   return out
+
+
+def trained_differences(old: dict, new: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+  """:func:`differences` that change what is trained (not ``RUN_INDEPENDENT``)."""
+  return differences(old, new, RUN_INDEPENDENT)
 
 
 _CHOICES = {
@@ -247,6 +268,7 @@ _CHOICES = {
     "method.dropout.convention": ("independent", "cell_eta", "sample_eta", "mmdrop"),
     "method.dropout.patterns": ("any", "single"),
     "method.distill.target": ("modality", "fused"),
+    "method.ebr.adversarial": ("reversal", "confusion"),
     "method.cmpt.patterns": ("any", "single"),
     "method.cmpt.distance": ("mse", "l1", "cosine"),
     "method.cmpt.lora_targets": ("linear", "attention"),
@@ -290,6 +312,8 @@ _INTERVALS = {
     "method.ebr.adversarial_weight": (0.0, float("inf"), False, True),
     "method.ebr.reversal": (0.0, float("inf"), False, True),
     "method.ebr.similarity_decay": (0.0, 1.0, False, True),
+    "method.ebr.cross_weight": (0.0, float("inf"), False, True),
+    "method.ebr.dropout_rate": (0.0, 1.0, False, True),
     "method.distill.teacher_fraction": (0.0, 1.0, True, True),
     "method.distill.weight": (0.0, float("inf"), False, True),
     "method.distill.dropout_rate": (0.0, 1.0, False, True),

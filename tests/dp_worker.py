@@ -83,6 +83,8 @@ def worker_config(method="plain"):
     config.data.synthetic.variable_length = False
     config.model.hidden, config.model.num_heads = 8, 2
     config.method.ebr.shared_dim, config.method.ebr.hidden = 8, 8
+  if method == "ebr":  # the fill's cross term and dropout (per-device cell counts differ)
+    config.method.ebr.cross_weight, config.method.ebr.dropout_rate = 1.0, 0.5
   if method == "distill":  # 2 teacher steps, then 2 distilling; student dropout makes the
     d = config.method.distill  # devices' present-cell counts differ (global denominators)
     d.teacher_fraction, d.dropout_rate = 2 / config.train.steps, 0.5

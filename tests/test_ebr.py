@@ -84,6 +84,88 @@ def test_fill_uses_the_decoder_of_the_missing_modality_on_the_ranked_source():
   np.testing.assert_allclose(f2[0, 0], dec(0, g[0, 1]), rtol=1e-5, atol=1e-6)
 
 
+def _separable(n=32, m=3, dim=6, seed=7):
+  """Shared-space vectors whose modality is obvious (a large offset per modality)."""
+  g = jax.random.normal(jax.random.key(seed), (n, m, dim))
+  return g + 4.0 * jnp.eye(m, dim)[None], jnp.ones((n, m), bool)
+
+
+def test_confusion_sends_each_gradient_to_its_side_and_does_not_saturate():
+  g, present = _separable()
+  nets = eb.init_nets(jax.random.key(8), 3, 8, 6, 10)
+  # the classifier's gradient is that of its own cross-entropy; g's is that of the
+  # cross-entropy to the uniform distribution with the classifier held constant
+  conf_cls = jax.grad(lambda c: eb.confusion_loss(dict(nets, cls=c), g, present)[0])(nets["cls"])
+  ce_cls = jax.grad(lambda c: eb.adversarial_loss(dict(nets, cls=c), g, present, None))(
+      nets["cls"])
+  for a, b in zip(jax.tree.leaves(conf_cls), jax.tree.leaves(ce_cls)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+  def to_uniform(g):
+    logp = jax.nn.log_softmax(eb.classify(nets, g), axis=-1)
+    return -jnp.mean(logp)  # every cell present: the mean over cells and classes
+  np.testing.assert_allclose(jax.grad(lambda g: eb.confusion_loss(nets, g, present)[0])(g),
+                             jax.grad(to_uniform)(g), rtol=1e-5, atol=1e-7)
+  # train the classifier until it is confident: the reversed cross-entropy then gives
+  # the encoders (almost) nothing, the confusion loss still pushes
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def fit(cls, opt):
+    grads = jax.grad(lambda c: eb.adversarial_loss(dict(nets, cls=c), g, present, None))(cls)
+    updates, opt = tx.update(grads, opt, cls)
+    return optax.apply_updates(cls, updates), opt
+  cls, opt = nets["cls"], tx.init(nets["cls"])
+  for _ in range(300):
+    cls, opt = fit(cls, opt)
+  confident = dict(nets, cls=cls)
+  ce = float(eb.confusion_loss(confident, g, present)[1])
+  assert ce < 1e-2, ce  # the classifier wins (log 3 = 1.1 when confused)
+  g_rev = jax.grad(lambda g: eb.adversarial_loss(confident, g, present, 1.0))(g)
+  g_conf = jax.grad(lambda g: eb.confusion_loss(confident, g, present)[0])(g)
+  assert float(jnp.linalg.norm(g_conf)) > 30 * float(jnp.linalg.norm(g_rev))
+
+
+def test_cross_reconstruction_trains_the_fill_toward_the_true_embedding():
+  """Modality 1 is an invertible linear function of modality 0: trained with
+  the cross term, the fill of a missing modality 0 from modality 1 is close to
+  what modality 0's own round trip gives; without it, it is not."""
+  k, n = 4, 256
+  a = jax.random.normal(jax.random.key(9), (k, k)) + 2.0 * jnp.eye(k)
+  z0 = jax.random.normal(jax.random.key(10), (n, k))
+  z = jnp.stack([z0, z0 @ a], axis=1)
+  present = jnp.ones((n, 2), bool)
+  held_out = jax.random.normal(jax.random.key(11), (64, k))
+  z_test = jnp.stack([held_out, held_out @ a], axis=1)
+
+  def fit(cross_weight):
+    nets = eb.init_nets(jax.random.key(12), 2, k, 8, 32)
+    tx = optax.adam(3e-3)
+
+    def objective(nets, key):
+      g = eb.encode(nets, z)
+      round_trip = jnp.mean((eb.decode(nets, g) - z) ** 2)  # stands in for the task
+      scores = jax.random.uniform(key, (n, 2, 2))
+      return round_trip + cross_weight * eb.cross_loss(nets, g, present, scores)
+
+    @jax.jit
+    def step(nets, opt, key):
+      grads = jax.grad(objective)(nets, key)
+      updates, opt = tx.update(grads, opt, nets)
+      return optax.apply_updates(nets, updates), opt
+    opt = tx.init(nets)
+    for i in range(600):
+      nets, opt = step(nets, opt, jax.random.key(i))
+    # the fill of modality 0 when only modality 1 is available
+    f, _ = eb.ebr_hook(nets, jnp.eye(2))(z_test, jnp.array([[False, True]] * 64))
+    own = eb.decode(nets, eb.encode(nets, z_test))[:, 0]
+    return float(jnp.mean((f[:, 0] - own) ** 2) / jnp.mean(own ** 2))
+
+  trained, untrained = fit(1.0), fit(0.0)
+  assert trained < 0.05, trained
+  assert untrained > 0.5, untrained
+
+
 def test_similarity_is_the_mean_cosine_over_training_pairs_both_present():
   base = jax.random.normal(jax.random.key(4), (6, 4))
   other = jax.random.normal(jax.random.key(5), (6, 4))
@@ -147,7 +229,8 @@ def test_config_names_a_bad_ebr_key():
   base = with_overrides(get_config("synthetic", "smoke"), {"method.name": "ebr"})
   validate_config(base)
   for key, value in (("method.ebr.shared_dim", 0), ("method.ebr.adversarial_weight", -1.0),
-                     ("method.ebr.similarity_decay", 1.0)):
+                     ("method.ebr.similarity_decay", 1.0), ("method.ebr.adversarial", "gan"),
+                     ("method.ebr.cross_weight", -1.0), ("method.ebr.dropout_rate", 1.0)):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
       validate_config(with_overrides(base, {key: value}))
 

@@ -28,7 +28,8 @@ def test_four_devices_match_one(tmp_path, mode):
   curvature mask and BHGD all active), consistency regularisation (zero /
   noise / swap copies drawn for the global batch, PGD), CMPT (plain steps,
   then the freeze, sample-eta drops drawn for the global batch, alignment),
-  EBR (the nets' update, the similarity sums) and distillation (teacher
+  EBR (the nets' update, the similarity sums, the cross term's source draws
+  and modality dropout) and distillation (teacher
   steps, then the feature MSE on a student batch with modality dropout, whose
   per-device cell counts differ) give the same SGD update on 4 devices."""
   out = str(tmp_path / "dev.npz")

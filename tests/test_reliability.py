@@ -167,6 +167,34 @@ def test_sigkill_at_random_moments_resumes_bit_identically(reference, tmp_path):
 
 # --------------------------------------------------------- the work directory
 
+def test_a_key_added_to_another_methods_section_keeps_finished_runs(tmp_path):
+  """compare.finished reuses a finished plain run whose config lacks a key added to
+  EBR's section since, and refuses an EBR run that lacks it (and one of
+  another eval protocol), naming the key; the resume check skips it likewise."""
+  from modalimmune_jax import compare
+  from modalimmune_jax.config import trained_differences, with_overrides
+
+  def finished_run(config, name):
+    old = json.loads(config.to_json_best_effort())
+    del old["method"]["ebr"]["cross_weight"]  # as written before the key existed
+    workdir = tmp_path / name
+    workdir.mkdir()
+    (workdir / "results.json").write_text(json.dumps({"config": old, "accuracy": 0.5}))
+    return old, str(workdir)
+
+  plain_config = get_config()
+  old, workdir = finished_run(plain_config, "plain")
+  assert compare.finished(plain_config, workdir)["accuracy"] == 0.5
+  assert trained_differences(old, plain_config) == []
+  with pytest.raises(train.WorkdirError, match=r"eval.draws 1 -> 3"):
+    compare.finished(with_overrides(plain_config, {"eval.draws": 3}), workdir)
+  ebr_config = with_overrides(plain_config, {"method.name": "ebr"})
+  old, workdir = finished_run(ebr_config, "ebr")
+  with pytest.raises(train.WorkdirError, match=r"method.ebr.cross_weight '<absent>' -> 1.0"):
+    compare.finished(ebr_config, workdir)
+  assert [k for k, _, _ in trained_differences(old, ebr_config)] == ["method.ebr.cross_weight"]
+
+
 def test_work_directory_refuses_another_config_naming_the_keys(reference, tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(_config(), workdir)

@@ -59,7 +59,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-__all__ = ["Method", "ModelFns", "task_loss", "reconstruction_loss", "global_batch_size",
+__all__ = ["Method", "ModelFns", "task_loss", "cell_mean", "reconstruction_loss",
+           "global_batch_size",
            "has_floats", "all_finite",
            "local_rows", "no_update"]
 
@@ -107,6 +108,26 @@ def task_loss(task: str, outputs: jax.Array, labels: jax.Array,
   return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
 
 
+def cell_mean(values: jax.Array, weights: jax.Array,
+              axis_name: str | None = None) -> jax.Array:
+  """``sum(values * weights) / count`` with ``count = sum(weights)``; 0 when
+  nothing counts.
+
+  The mean over the (sample, modality) cells a loss term covers. With
+  ``axis_name`` (inside ``shard_map``) ``count`` is the device mean of the
+  counts, so the step's ``pmean`` of the result is the global-batch mean even
+  when the devices hold different numbers of counted cells (random removals).
+
+  Example:
+    >>> cell_mean(jnp.array([1.0, 3.0, 5.0]), jnp.array([True, True, False]))  # 2.0
+  """
+  w = weights.astype(values.dtype)
+  count = jnp.sum(w)
+  if axis_name is not None:
+    count = jax.lax.pmean(count, axis_name)
+  return jnp.sum(values * w) / jnp.where(count > 0, count, 1.0)
+
+
 def reconstruction_loss(out: dict, present: jax.Array,
                         axis_name: str | None = None) -> jax.Array:
   """Mean over present (sample, modality) cells of ``||r_m - sg(z_m)||^2 / k``.
@@ -116,16 +137,12 @@ def reconstruction_loss(out: dict, present: jax.Array,
   ``shard_map``) the denominator is the device mean of the cell counts, so the
   step's ``pmean`` is the global-batch mean even when the devices hold
   different numbers of present cells (random removals); without it, each
-  device's own count.
+  device's own count (:func:`cell_mean`).
   """
   if "reconstructions" not in out:
     return jnp.zeros([], out["outputs"].dtype)
-  present = present.astype(out["embeddings"].dtype)
   err = jnp.mean((out["reconstructions"] - jax.lax.stop_gradient(out["embeddings"])) ** 2, -1)
-  count = jnp.sum(present)
-  if axis_name is not None:
-    count = jax.lax.pmean(count, axis_name)
-  return jnp.sum(err * present) / jnp.maximum(count, 1.0)
+  return cell_mean(err, present, axis_name)
 
 
 def global_batch_size(batch: dict, axis_name: str | None) -> int:

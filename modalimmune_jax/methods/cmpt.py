@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import optax
 
 from modalimmune_jax.masking import PATTERNS, remove_modalities, sample_eta_presence
-from modalimmune_jax.methods.base import (Method, ModelFns, global_batch_size, local_rows,
-                                          reconstruction_loss)
+from modalimmune_jax.methods.base import (Method, ModelFns, cell_mean, global_batch_size,
+                                          local_rows, reconstruction_loss)
 from modalimmune_jax.methods.plain import supervised_loss
 
 __all__ = ["Settings", "DISTANCES", "pair_distance", "alignment_loss", "param_group",
@@ -93,11 +93,7 @@ def alignment_loss(out: dict, present: jax.Array, distance: str = "mse",
   present = present.astype(bool)
   valid = present[:, :, None] & present[:, None, :] & ~jnp.eye(num, dtype=bool)[None]
   d = pair_distance(pairs, z[:, None], distance)  # (B, source, target)
-  w = valid.astype(d.dtype)
-  count = jnp.sum(w)
-  if axis_name is not None:
-    count = jax.lax.pmean(count, axis_name)
-  return jnp.sum(d * w) / jnp.where(count > 0, count, 1.0)
+  return cell_mean(d, valid, axis_name)
 
 
 def _key_name(k) -> str:

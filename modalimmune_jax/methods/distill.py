@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import optax
 
 from modalimmune_jax.masking import random_presence, remove_modalities
-from modalimmune_jax.methods.base import Method, ModelFns, global_batch_size, local_rows
+from modalimmune_jax.methods.base import (Method, ModelFns, cell_mean, global_batch_size,
+                                          local_rows)
 from modalimmune_jax.methods.plain import supervised_loss
 
 __all__ = ["DistillState", "TARGETS", "feature_mse", "teacher_targets", "distill",
@@ -79,12 +80,7 @@ def feature_mse(student: jax.Array, target: jax.Array, present: jax.Array,
   """Mean over present cells of ``||z_m - t_m||^2 / k``; with ``axis_name``
   (inside ``shard_map``) the denominator is the device mean of the counts, as
   in :func:`~modalimmune_jax.methods.base.reconstruction_loss`."""
-  w = present.astype(student.dtype)
-  err = jnp.mean((student - target) ** 2, -1)
-  count = jnp.sum(w)
-  if axis_name is not None:
-    count = jax.lax.pmean(count, axis_name)
-  return jnp.sum(err * w) / jnp.maximum(count, 1.0)
+  return cell_mean(jnp.mean((student - target) ** 2, -1), present, axis_name)
 
 
 def distill(model: ModelFns, teacher_params, teacher_steps: int,

@@ -9,12 +9,24 @@ reimplementation). Carried to our model through its ``embedding_hook``:
   ``k -> hidden -> shared_dim``) and a decoder ``h_m^-1: g_m -> f_m`` back
   (``shared_dim -> hidden -> k``); the fusion consumes the decoded ``f_m``
   in place of the encoder output ``z_m``;
-* a modality classifier on ``g`` (``shared_dim -> hidden -> M``) trained
-  through a gradient-reversal layer (coefficient ``reversal``): cross-entropy
-  on the modality id over the present (sample, modality) cells, weight
-  ``adversarial_weight``; the classifier minimises it, everything before the
-  reversal (``h_m`` and the model's encoders) maximises it, so the shared
-  space becomes modality-indistinguishable;
+* a modality classifier on ``g`` (``shared_dim -> hidden -> M``), weight
+  ``adversarial_weight``: the classifier minimises the cross-entropy of the
+  modality id over the present (sample, modality) cells, and everything
+  before it (``h_m`` and the model's encoders) works against it, so the shared
+  space becomes modality-indistinguishable. ``adversarial="reversal"`` (the
+  paper): through a gradient-reversal layer (coefficient ``reversal``), the
+  encoders maximise the same cross-entropy. ``"confusion"`` (ours): the
+  encoders minimise the cross-entropy to the uniform distribution over
+  modalities (Tzeng et al. 2015's domain confusion), which does not saturate
+  when the classifier is confident, as the reversed cross-entropy does;
+* ``cross_weight`` (ours, default 1; 0 = the paper as read): a cross-reconstruction term
+  that trains the fill on complete training pairs, ``mean ||h_m^-1(g_j) -
+  sg(h_m^-1(g_m))||^2 / k`` over present cells ``m`` with ``j`` drawn
+  uniformly among the sample's other present modalities (an unbiased estimate
+  of the mean over all pairs, at the cost of one decoding);
+* ``dropout_rate`` (ours; 0 = off): modality dropout on the training batch
+  (independent per cell, at least one kept), so the fill also runs in
+  training and the task loss trains it through the fusion;
 * a missing modality ``m`` is filled with ``h_m^-1(g_j)``, ``j`` the available
   modality ranked most similar to ``m``: the mean cosine similarity of
   ``g_m`` and ``g_j`` over training pairs where both are present (an
@@ -22,6 +34,13 @@ reimplementation). Carried to our model through its ``embedding_hook``:
   and the filled cell counts as present for the fusion. The same fill runs
   in training (when a training batch lacks a modality) and at evaluation
   (:attr:`Method.predict_hook`).
+
+Why the additions (``docs/method.md``, "Why the cross term"): as
+read from the paper, with complete training batches nothing trains the fill
+(the decoders only ever see their own modality), and the reversed classifier
+wins outright (its cross-entropy falls to ~1e-4, against ``log M`` when
+confused), so the fill decodes an unrelated vector and scores below no fill
+at all.
 
 How the extra parameters fit the plug-in (the step differentiates only the
 model's parameters): the EBR networks ``nets`` live in the method state with
@@ -50,11 +69,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from modalimmune_jax.methods.base import Method, ModelFns, reconstruction_loss
+from modalimmune_jax.masking import random_presence, remove_modalities
+from modalimmune_jax.methods.base import (Method, ModelFns, cell_mean, global_batch_size,
+                                          local_rows, reconstruction_loss)
 
-__all__ = ["Settings", "EBRState", "reverse_gradient", "init_nets", "encode", "decode",
-           "classify", "fill_sources", "ebr_hook", "adversarial_loss", "pair_similarity",
-           "ebr", "from_config"]
+__all__ = ["Settings", "EBRState", "ADVERSARIAL", "reverse_gradient", "init_nets", "encode",
+           "decode", "classify", "fill_sources", "ebr_hook", "adversarial_loss",
+           "confusion_loss", "cross_loss", "pair_similarity", "ebr", "from_config"]
+
+ADVERSARIAL = ("reversal", "confusion")
 
 
 class Settings(NamedTuple):
@@ -65,6 +88,9 @@ class Settings(NamedTuple):
   reversal: float = 1.0            # paper: gradient-reversal coefficient
   similarity_decay: float = 0.99   # ours: EMA of the per-batch mean cosine similarity
   reconstruction_weight: float = 1.0
+  adversarial: str = "reversal"    # paper: gradient reversal | ours: "confusion"
+  cross_weight: float = 1.0        # ours: cross-reconstruction that trains the fill
+  dropout_rate: float = 0.0        # ours: modality dropout on the training batch
 
 
 class EBRState(NamedTuple):
@@ -157,11 +183,13 @@ def fill_sources(similarity: jax.Array, available: jax.Array) -> tuple[jax.Array
   """For each (sample, modality m): the available modality ``j != m`` with the
   largest ``similarity[m, j]`` (ties: the first), and whether there is one.
 
+  ``similarity``: ``(M, M)``, or ``(B, M, M)`` for a score per sample.
   Returns ``(source (B, M) int32, has_source (B, M) bool)``.
   """
-  m = similarity.shape[0]
+  b, m = available.shape
   candidates = available[:, None, :] & ~jnp.eye(m, dtype=bool)[None]
-  score = jnp.where(candidates, similarity[None].astype(jnp.float32), -jnp.inf)
+  score = jnp.where(candidates, jnp.broadcast_to(similarity, (b, m, m)).astype(jnp.float32),
+                    -jnp.inf)
   return jnp.argmax(score, axis=-1).astype(jnp.int32), jnp.any(candidates, axis=-1)
 
 
@@ -174,25 +202,60 @@ def ebr_hook(nets: dict, similarity: jax.Array):
     g = encode(nets, z)
     own = decode(nets, g)
     source, has = fill_sources(similarity, present)
-    g_src = jnp.take_along_axis(g, source[..., None], axis=1)  # (B, M, S): g of m's source
-    filled = decode(nets, g_src)
+    filled = _decode_from(nets, g, source)
     f = jnp.where(present[..., None], own, jnp.where(has[..., None], filled, z))
     return f.astype(z.dtype), present | has
   return hook
 
 
+def _decode_from(nets: dict, g: jax.Array, source: jax.Array) -> jax.Array:
+  """``h_m^-1(g[:, source[:, m]])`` for every column ``m``: ``(B, M, k)``."""
+  return decode(nets, jnp.take_along_axis(g, source[..., None], axis=1))
+
+
 def adversarial_loss(nets: dict, g: jax.Array, present: jax.Array,
-                     reversal: float | None = 1.0) -> jax.Array:
+                     reversal: float | None = 1.0, axis_name: str | None = None) -> jax.Array:
   """Mean modality-id cross-entropy over present cells of ``classify(R(g))``, ``R``
-  the gradient reversal with coefficient ``reversal`` (None: no reversal)."""
+  the gradient reversal with coefficient ``reversal`` (None: no reversal);
+  ``axis_name`` as in :func:`~modalimmune_jax.methods.base.cell_mean`."""
   m = g.shape[1]
   if reversal is not None:
     g = reverse_gradient(g, reversal)
   logits = classify(nets, g)
   labels = jnp.broadcast_to(jnp.arange(m), logits.shape[:2])
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  w = present.astype(ce.dtype)
-  return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+  return cell_mean(ce, present, axis_name)
+
+
+def confusion_loss(nets: dict, g: jax.Array, present: jax.Array,
+                   axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Domain confusion (Tzeng et al. 2015) in place of gradient reversal.
+
+  Returns ``(objective, classifier_ce)``. ``objective`` is the sum of the
+  classifier's cross-entropy on ``sg(g)`` (its gradient reaches the
+  classifier only) and the cross-entropy of the classifier's prediction on
+  ``g`` to the uniform distribution over modalities, with the classifier held
+  constant (its gradient reaches ``g`` only). ``classifier_ce`` is the first:
+  ``log M`` when the shared space is modality-indistinguishable.
+  """
+  ce = adversarial_loss(nets, jax.lax.stop_gradient(g), present, None, axis_name)
+  logits = classify(dict(nets, cls=jax.lax.stop_gradient(nets["cls"])), g)
+  uniform = -jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=-1)  # CE to 1/M each
+  confusion = cell_mean(uniform, present, axis_name)
+  return ce + confusion, ce
+
+
+def cross_loss(nets: dict, g: jax.Array, present: jax.Array, scores: jax.Array,
+               axis_name: str | None = None) -> jax.Array:
+  """The fill's training signal on complete pairs (ours): the mean over
+  present cells ``(b, m)`` that have another present modality of
+  ``||h_m^-1(g_j) - sg(h_m^-1(g_m))||^2 / k``, ``j`` the sample's other
+  present modality with the largest ``scores[b, m, j]`` (uniform draws: ``j``
+  uniform among them)."""
+  source, has = fill_sources(scores, present)
+  own = jax.lax.stop_gradient(decode(nets, g))
+  err = jnp.mean((_decode_from(nets, g, source) - own) ** 2, axis=-1)
+  return cell_mean(err, present & has, axis_name)
 
 
 def pair_similarity(g: jax.Array, present: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -219,17 +282,36 @@ def ebr(model: ModelFns, settings: Settings = Settings(),
     seed: the nets' initialisation seed.
   """
   s = settings
+  if s.adversarial not in ADVERSARIAL:
+    raise ValueError(f"adversarial must be one of {ADVERSARIAL}, got {s.adversarial!r}")
   m = len(model.names)
   tx = optimizer if optimizer is not None else optax.adamw(1e-3)
+  rates = jnp.full((m,), s.dropout_rate, jnp.float32)
 
   def objective(params, nets, similarity, batch, rng, axis_name):
-    out = model.apply(params, batch, rng, hook=ebr_hook(nets, similarity), axis_name=axis_name)
+    k_drop, k_cross, k_model = jax.random.split(rng, 3)
+    n_global = global_batch_size(batch, axis_name)
+    if s.dropout_rate > 0:
+      keep = local_rows(random_presence(k_drop, n_global, rates), axis_name)
+      batch = remove_modalities(batch, keep, model.names)
+    present = batch["presence"].astype(bool)
+    out = model.apply(params, batch, k_model, hook=ebr_hook(nets, similarity),
+                      axis_name=axis_name)
     task = model.task_loss(out["outputs"], batch["labels"])
-    recon = reconstruction_loss(out, batch["presence"])
+    recon = reconstruction_loss(out, present, axis_name)
     g = encode(nets, out["embeddings"])
-    adv = adversarial_loss(nets, g, batch["presence"], s.reversal)
+    if s.adversarial == "reversal":
+      adv = classifier_ce = adversarial_loss(nets, g, present, s.reversal, axis_name)
+    else:
+      adv, classifier_ce = confusion_loss(nets, g, present, axis_name)
     total = task + s.reconstruction_weight * recon + s.adversarial_weight * adv
-    return total, {"task_loss": task, "recon_loss": recon, "ebr_adversarial": adv}, g
+    metrics = {"task_loss": task, "recon_loss": recon, "ebr_adversarial": classifier_ce}
+    if s.cross_weight > 0:
+      scores = local_rows(jax.random.uniform(k_cross, (n_global, m, m)), axis_name)
+      cross = cross_loss(nets, g, present, scores, axis_name)
+      total = total + s.cross_weight * cross
+      metrics["ebr_cross"] = cross
+    return total, metrics, (g, present)
 
   def init(params):
     k = width
@@ -252,10 +334,10 @@ def ebr(model: ModelFns, settings: Settings = Settings(),
         total = jax.lax.pmean(total, axis_name)
       return total, g
 
-    (value, g), grads = jax.value_and_grad(nets_objective, has_aux=True)(state.nets)
+    (value, (g, present)), grads = jax.value_and_grad(nets_objective, has_aux=True)(state.nets)
     updates, opt_state = tx.update(grads, state.opt_state, state.nets)
     nets = optax.apply_updates(state.nets, updates)
-    sums, counts = pair_similarity(jax.lax.stop_gradient(g), batch["presence"].astype(bool))
+    sums, counts = pair_similarity(jax.lax.stop_gradient(g), present)
     if axis_name is not None:
       sums, counts = jax.lax.psum((sums, counts), axis_name)
     batch_mean = sums / jnp.maximum(counts, 1.0)
@@ -282,6 +364,8 @@ def from_config(config, model: ModelFns, dataset) -> Method:
   settings = Settings(shared_dim=e.shared_dim, hidden=e.hidden,
                       adversarial_weight=e.adversarial_weight, reversal=e.reversal,
                       similarity_decay=e.similarity_decay,
-                      reconstruction_weight=config.method.reconstruction_weight)
+                      reconstruction_weight=config.method.reconstruction_weight,
+                      adversarial=e.adversarial, cross_weight=e.cross_weight,
+                      dropout_rate=e.dropout_rate)
   return ebr(model, settings, make_optimizer(config), width=config.model.hidden,
              seed=config.seed + 1)
