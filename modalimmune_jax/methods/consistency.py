@@ -300,7 +300,7 @@ def consistency(model: ModelFns, settings: Settings = Settings()) -> Method:
     clean_loss = model.task_loss(clean["outputs"], rows["labels"])
     head = {k: v[:b] for k, v in clean.items() if k in ("outputs", "embeddings",
                                                          "reconstructions")}
-    recon = reconstruction_loss(head, batch["presence"])
+    recon = reconstruction_loss(head, batch["presence"], axis_name)
     reference = jax.lax.stop_gradient(head["outputs"])
     copies = [clean["outputs"][b:]] if heuristics else []
     total = clean_loss + s.reconstruction_weight * recon

@@ -280,7 +280,7 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
                                 keep)
     out = model.apply(params, batch, k_model, hook=hook, axis_name=axis_name)
     task = model.task_loss(out["outputs"], batch["labels"])
-    recon = reconstruction_loss(out, batch["presence"])
+    recon = reconstruction_loss(out, batch["presence"], axis_name)
     metrics = {"task_loss": task, "recon_loss": recon,
                "kept_fraction": jnp.mean(out["presence"].astype(jnp.float32)),
                "destroyed": destroy.astype(jnp.float32),
