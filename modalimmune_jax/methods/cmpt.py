@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from modalimmune_jax.masking import PATTERNS, remove_modalities, sample_eta_presence
-from modalimmune_jax.methods.base import (Method, ModelFns, cell_mean, global_batch_size,
-                                          local_rows, reconstruction_loss)
+from modalimmune_jax.masking import PATTERNS
+from modalimmune_jax.methods.base import Method, ModelFns, cell_mean, reconstruction_loss
+from modalimmune_jax.methods.dropout import drop_modalities
 from modalimmune_jax.methods.plain import supervised_loss
 
 __all__ = ["Settings", "DISTANCES", "pair_distance", "alignment_loss", "param_group",
@@ -155,7 +155,6 @@ def cmpt(model: ModelFns, s: Settings = Settings()) -> Method:
     raise ValueError(f"patterns must be one of {PATTERNS}, got {s.patterns!r}")
   if not 0.0 <= s.train_rate <= 1.0 or s.pretrain_steps < 0:
     raise ValueError("need 0 <= train_rate <= 1 and pretrain_steps >= 0")
-  num = len(model.names)
   zero = jnp.zeros([], jnp.float32)
 
   def pretrain(params, batch, rng, axis_name):
@@ -169,10 +168,8 @@ def cmpt(model: ModelFns, s: Settings = Settings()) -> Method:
 
   def adapt(params, batch, rng, axis_name):
     k_mask, k_model = jax.random.split(rng)
-    n = global_batch_size(batch, axis_name)
-    keep = local_rows(sample_eta_presence(k_mask, n, num, s.train_rate, s.patterns),
-                      axis_name)
-    dropped = remove_modalities(batch, keep, model.names)
+    dropped = drop_modalities(batch, k_mask, model.names, s.train_rate, axis_name,
+                              "sample_eta", s.patterns)
     out = model.apply(params, dropped, k_model, axis_name=axis_name)
     task = model.task_loss(out["outputs"], dropped["labels"])
     # per-device counts of present cells differ: global denominators (exact over devices)

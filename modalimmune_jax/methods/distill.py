@@ -43,9 +43,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from modalimmune_jax.masking import random_presence, remove_modalities
-from modalimmune_jax.methods.base import (Method, ModelFns, cell_mean, global_batch_size,
-                                          local_rows)
+from modalimmune_jax.methods.base import Method, ModelFns, cell_mean
+from modalimmune_jax.methods.dropout import drop_modalities
 from modalimmune_jax.methods.plain import supervised_loss
 
 __all__ = ["DistillState", "TARGETS", "feature_mse", "teacher_targets", "distill",
@@ -101,8 +100,6 @@ def distill(model: ModelFns, teacher_params, teacher_steps: int,
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
   if teacher_steps < 1:
     raise ValueError(f"teacher_steps must be >= 1, got {teacher_steps}")
-  m = len(model.names)
-  rates = jnp.full((m,), dropout_rate, jnp.float32)
 
   def init(params):
     teacher = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x,
@@ -113,9 +110,7 @@ def distill(model: ModelFns, teacher_params, teacher_steps: int,
     k_mask, k_model = jax.random.split(rng)
     student_batch = batch
     if dropout_rate > 0:
-      keep = local_rows(random_presence(k_mask, global_batch_size(batch, axis_name), rates),
-                        axis_name)
-      student_batch = remove_modalities(batch, keep, model.names)
+      student_batch = drop_modalities(batch, k_mask, model.names, dropout_rate, axis_name)
     total, metrics, out = supervised_loss(model, params, student_batch, k_model,
                                           reconstruction_weight, axis_name)
     targets = teacher_targets(model, state.teacher, batch, target)

@@ -50,8 +50,8 @@ from modalimmune_jax.masking import (PATTERNS, cell_eta_presence, keep_patterns,
 from modalimmune_jax.methods.base import Method, ModelFns, global_batch_size, local_rows
 from modalimmune_jax.methods.plain import supervised_loss
 
-__all__ = ["CONVENTIONS", "dropout_presence", "expected_kept_fraction", "modality_dropout",
-           "from_config"]
+__all__ = ["CONVENTIONS", "dropout_presence", "drop_modalities", "expected_kept_fraction",
+           "modality_dropout", "from_config"]
 
 CONVENTIONS = ("independent", "cell_eta", "sample_eta", "mmdrop")
 
@@ -93,6 +93,21 @@ def dropout_presence(key: jax.Array, num_samples: int, num_modalities: int,
   return sample_eta_presence(k_which, n, m, 1.0, "single") | ~hit
 
 
+def drop_modalities(batch: dict, key: jax.Array, names: Sequence[str],
+                    rates: float | Sequence[float] = 0.3, axis_name: str | None = None,
+                    convention: str = "independent", patterns: str = "any") -> dict:
+  """``batch`` with cells removed by :func:`dropout_presence`, drawn for the
+  *global* batch and cut to this device's rows (:func:`local_rows`), so N
+  devices remove exactly what one device would.
+
+  Example:
+    >>> dropped = drop_modalities(batch, key, model.names, 0.5, convention="cell_eta")
+  """
+  n = global_batch_size(batch, axis_name)
+  keep = dropout_presence(key, n, len(names), rates, convention, patterns)
+  return remove_modalities(batch, local_rows(keep, axis_name), names)
+
+
 def expected_kept_fraction(num_samples: int, num_modalities: int, rate: float,
                            convention: str, patterns: str = "any") -> float:
   """The mean fraction of kept cells per batch under a convention with one rate.
@@ -128,10 +143,7 @@ def modality_dropout(model: ModelFns, rates: float | Sequence[float] = 0.3,
 
   def loss(params, state, batch, rng, axis_name=None):
     k_mask, k_model = jax.random.split(rng)
-    n_global = global_batch_size(batch, axis_name)
-    keep = local_rows(dropout_presence(k_mask, n_global, m, rates, convention, patterns),
-                      axis_name)
-    dropped = remove_modalities(batch, keep, model.names)
+    dropped = drop_modalities(batch, k_mask, model.names, rates, axis_name, convention, patterns)
     total, metrics, _ = supervised_loss(model, params, dropped, k_model,
                                         reconstruction_weight, axis_name)
     metrics["kept_fraction"] = jnp.mean(dropped["presence"].astype(jnp.float32))

@@ -69,9 +69,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from modalimmune_jax.masking import random_presence, remove_modalities
 from modalimmune_jax.methods.base import (Method, ModelFns, cell_mean, global_batch_size,
                                           local_rows, reconstruction_loss)
+from modalimmune_jax.methods.dropout import drop_modalities
 
 __all__ = ["Settings", "EBRState", "ADVERSARIAL", "reverse_gradient", "init_nets", "encode",
            "decode", "classify", "fill_sources", "ebr_hook", "adversarial_loss",
@@ -286,14 +286,11 @@ def ebr(model: ModelFns, settings: Settings = Settings(),
     raise ValueError(f"adversarial must be one of {ADVERSARIAL}, got {s.adversarial!r}")
   m = len(model.names)
   tx = optimizer if optimizer is not None else optax.adamw(1e-3)
-  rates = jnp.full((m,), s.dropout_rate, jnp.float32)
 
   def objective(params, nets, similarity, batch, rng, axis_name):
     k_drop, k_cross, k_model = jax.random.split(rng, 3)
-    n_global = global_batch_size(batch, axis_name)
     if s.dropout_rate > 0:
-      keep = local_rows(random_presence(k_drop, n_global, rates), axis_name)
-      batch = remove_modalities(batch, keep, model.names)
+      batch = drop_modalities(batch, k_drop, model.names, s.dropout_rate, axis_name)
     present = batch["presence"].astype(bool)
     out = model.apply(params, batch, k_model, hook=ebr_hook(nets, similarity),
                       axis_name=axis_name)
@@ -307,6 +304,7 @@ def ebr(model: ModelFns, settings: Settings = Settings(),
     total = task + s.reconstruction_weight * recon + s.adversarial_weight * adv
     metrics = {"task_loss": task, "recon_loss": recon, "ebr_adversarial": classifier_ce}
     if s.cross_weight > 0:
+      n_global = global_batch_size(batch, axis_name)
       scores = local_rows(jax.random.uniform(k_cross, (n_global, m, m)), axis_name)
       cross = cross_loss(nets, g, present, scores, axis_name)
       total = total + s.cross_weight * cross
