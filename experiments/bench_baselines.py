@@ -39,7 +39,7 @@ from bench_methods import copy_tree, get_config, log  # noqa: E402
 
 from modalimmune_jax import train  # noqa: E402
 from modalimmune_jax.config import validate_config  # noqa: E402
-from modalimmune_jax.provenance import provenance  # noqa: E402
+from modalimmune_jax.provenance import markdown_lines, provenance  # noqa: E402
 from modalimmune_jax.step import shard_batch  # noqa: E402
 
 METHODS = ("plain", "dropout", "consistency", "ebr", "distill", "cmpt", "modalimmune")
@@ -145,11 +145,7 @@ def main():
   record["provenance"] = prov = provenance(seed=0)
   text = render(record)
   print("\n" + text)
-  head = [f"# bench_baselines ({record['setup']['data']})", "",
-          f"- command: `{prov['command']}`",
-          f"- commit: {prov['commit']}{' (dirty)' if prov['dirty'] else ''}",
-          f"- machine: {prov['machine']['processor']}, {prov['machine']['cpu_count']} cores, "
-          f"jax {prov['versions'].get('jax')}", ""]
+  head = [f"# bench_baselines ({record['setup']['data']})", "", *markdown_lines(prov), ""]
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(record, f, indent=2, default=float)

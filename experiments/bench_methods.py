@@ -74,7 +74,7 @@ from modalimmune_jax import train
 from modalimmune_jax.config import validate_config
 from modalimmune_jax.hypergrad import POWER_ITERATIONS, neumann_hypergrad
 from modalimmune_jax.methods import modalimmune
-from modalimmune_jax.provenance import provenance
+from modalimmune_jax.provenance import markdown_lines, provenance
 from modalimmune_jax.step import host_copy, shard_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -467,11 +467,7 @@ def main():
   text = render(record)
   print("\n" + text)
   prov = record["provenance"]
-  head = [f"# bench_methods ({dataset.name})", "",
-          f"- command: `{prov['command']}`",
-          f"- commit: {prov['commit']}{' (dirty)' if prov['dirty'] else ''}",
-          f"- machine: {prov['machine']['platform']}, {prov['machine']['cpu_count']} cores, "
-          f"jax {prov['versions'].get('jax')}", ""]
+  head = [f"# bench_methods ({dataset.name})", "", *markdown_lines(prov), ""]
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(record, f, indent=2, default=float)

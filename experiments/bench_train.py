@@ -46,7 +46,7 @@ import jax  # noqa: E402
 
 from modalimmune_jax import train  # noqa: E402
 from modalimmune_jax.config import with_overrides  # noqa: E402
-from modalimmune_jax.provenance import provenance  # noqa: E402
+from modalimmune_jax.provenance import markdown_lines, provenance  # noqa: E402
 import numpy as np  # noqa: E402
 
 from modalimmune_jax.step import (host_copy, make_parallel_step, shard_batch,  # noqa: E402
@@ -193,11 +193,7 @@ def main():
   prov = provenance(seed=0)
   lines = [
       "# Training throughput", "",
-      f"- command: `{prov['command']}`",
-      f"- commit: {prov['commit']}{' (dirty)' if prov['dirty'] else ''}",
-      f"- machine: {prov['machine']['processor']}, {prov['machine']['cpu_count']} cores, "
-      f"{jax.devices()[0].platform} ({jax.device_count()} device(s)), jax "
-      f"{prov['versions'].get('jax')}",
+      *markdown_lines(prov, f"{jax.device_count()} device(s)"),
       f"- {args.steps} timed steps per rate, one run", "",
       "| workload | method | step/s (device batch) | loop step/s | loop / step | "
       "old loop / step | samples/s 1 seed | samples/s 4 vmapped | vmap gain | "

@@ -45,7 +45,7 @@ from modalimmune_jax import train as train_lib
 from modalimmune_jax.checkpoint import Checkpointer
 from modalimmune_jax.compare import removal_name
 from modalimmune_jax.metrics import compute_metrics
-from modalimmune_jax.provenance import provenance
+from modalimmune_jax.provenance import markdown_lines, provenance
 from modalimmune_jax.step import device_batch, host_copy
 
 LOWER_IS_BETTER = {"MAE"}
@@ -153,11 +153,7 @@ def render(record: dict) -> str:
   lines = [
       "# Collapse severity vs robustness to removal",
       "",
-      f"- command: `{prov['command']}`",
-      f"- commit: {prov['commit']}{' (dirty)' if prov['dirty'] else ''}",
-      f"- machine: {prov['machine']['platform']}, {prov['machine']['cpu_count']} cores, "
-      f"jax {prov['versions'].get('jax')} ({prov['machine']['jax_backend']}), "
-      f"{prov['time_utc']}",
+      *markdown_lines(prov, prov["time_utc"]),
       f"- runs: {record['num_runs']} ({len(record['skipped'])} skipped), "
       f"points: {len(record['points'])}; metric: {metric_text}; evaluated split(s): "
       f"{', '.join(sorted({p['split'] for p in record['points']}))}",

@@ -18,7 +18,6 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "configs"))
 
 VARIANTS = {  # label -> overrides of the mfeat EBR config
     "as read (reversal, no cross term)": {"method.ebr.cross_weight": 0.0},
@@ -37,13 +36,13 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
 
-  import mfeat
+  from bench_methods import get_config  # experiments/configs/<name>.py by path
   from modalimmune_jax import compare, train
   from modalimmune_jax.config import with_overrides
   from modalimmune_jax.protocol import selection_score
-  from modalimmune_jax.provenance import provenance
+  from modalimmune_jax.provenance import markdown_lines, provenance
 
-  base = with_overrides(mfeat.get_config(), {
+  base = with_overrides(get_config("mfeat"), {
       "method.name": "ebr", "seed": args.seed, "eval.split": "valid", "eval.draws": 3,
       "eval.cell_etas": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)})
   rows = []
@@ -75,11 +74,7 @@ def main():
             "condition (what `compare` tunes on). Classifier CE: the modality classifier's "
             f"cross-entropy at the last logged training step (log 6 = {math.log(6):.2f} when "
             "it is confused). One seed: a design check on the valid split, not a result.", "",
-            f"- command: `{record['provenance']['command']}`",
-            f"- commit: {record['provenance']['commit']}"
-            + (" (dirty)" if record["provenance"]["dirty"] else ""),
-            f"- machine: {record['provenance']['machine']['processor']}, "
-            f"{record['provenance']['machine']['cpu_count']} cores"]
+            *markdown_lines(record["provenance"])]
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "ebr_variants.md"), "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "con
 import numpy as np  # noqa: E402
 
 from modalimmune_jax import train  # noqa: E402
-from modalimmune_jax.provenance import provenance  # noqa: E402
+from modalimmune_jax.provenance import markdown_lines, provenance  # noqa: E402
 
 
 def status_mb(field: str) -> float:
@@ -145,10 +145,7 @@ def main():
                               for a, b in zip(steps, secs)]}, f, indent=1, default=float)
   prov = result["provenance"]
   md = [f"# Soak run: MOSEI-sized synthetic, {args.steps} steps of {args.method}", "",
-        f"- command: `{prov['command']}`", f"- commit: {prov['commit']}"
-        f"{' (dirty)' if prov['dirty'] else ''}",
-        f"- machine: {prov['machine']['processor']}, {prov['machine']['cpu_count']} cores, "
-        f"{prov['machine']['jax_backend']}", "",
+        *markdown_lines(prov), "",
         "| quantity | value |", "|---|---:|"]
   for key in ("peak_rss_mb", "rss_mb_first_half_max", "rss_mb_second_half_max",
               "rss_slope_mb_per_1000_steps_second_half", "checkpoint_dir_mb_max",

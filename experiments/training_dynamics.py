@@ -31,7 +31,7 @@ import re
 import sys
 
 import run_dirs  # experiments/run_dirs.py, beside this script
-from modalimmune_jax.provenance import provenance
+from modalimmune_jax.provenance import markdown_lines, provenance
 
 META = ("lambda", "kappa", "eta", "mu")
 
@@ -214,10 +214,7 @@ def render(rows: list[dict], skipped: list[dict], prov: dict) -> str:
   lines = [
       "# ModalImmune training dynamics",
       "",
-      f"- command: `{prov['command']}`",
-      f"- commit: {prov['commit']}{' (dirty)' if prov['dirty'] else ''}",
-      f"- machine: {prov['machine']['platform']}, {prov['machine']['cpu_count']} cores, "
-      f"jax {prov['versions'].get('jax')}, {prov['time_utc']}",
+      *markdown_lines(prov, prov["time_utc"]),
       "",
       "From each run's `metrics.jsonl` (train logs every `train.log_every` steps, "
       "`hypergrad` events). Final alpha: the last train log; top IG: the modality with the "

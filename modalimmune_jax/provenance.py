@@ -77,3 +77,19 @@ def provenance(**extra: Any) -> dict[str, Any]:
       "versions": versions,
       **extra,
   }
+
+
+def markdown_lines(prov: dict[str, Any], *details: str) -> list[str]:
+  """The ``- command``, ``- commit`` and ``- machine`` lines a markdown result
+  file carries, from a :func:`provenance` record; ``details`` (device counts,
+  a time, ...) join the machine line before the jax version.
+
+  Example:
+    >>> lines = ["# My result", ""] + markdown_lines(provenance(), "2 device(s)")
+  """
+  m = prov["machine"]
+  machine = [m.get("processor") or m["platform"], m["platform"], f"{m['cpu_count']} cores",
+             m.get("jax_backend", "?"), *details, f"jax {prov['versions'].get('jax')}"]
+  return [f"- command: `{prov['command']}`",
+          f"- commit: {prov['commit']}{' (dirty)' if prov['dirty'] else ''}",
+          f"- machine: {', '.join(machine)}"]

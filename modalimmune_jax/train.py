@@ -44,7 +44,7 @@ from modalimmune_jax.metrics import HEADLINE
 from modalimmune_jax.methods.cmpt import model_parts as cmpt_model_parts
 from modalimmune_jax.model import MultimodalModel
 from modalimmune_jax.plots import plot_protocol
-from modalimmune_jax.provenance import provenance
+from modalimmune_jax.provenance import markdown_lines, provenance
 from modalimmune_jax.step import (TrainState, device_batch, device_data, fault_names,
                                   gather_batch, host_copy, init_state, make_loop_step,
                                   make_mesh, make_parallel_step, make_train_step,
@@ -816,11 +816,8 @@ def render_results(record: dict, result: protocol.ProtocolResult) -> str:
       f"# {record['method']} on {record['dataset']} ({record['task']}), "
       f"{cfg['eval']['split']} split",
       "",
-      f"- command: `{prov['command']}`",
-      f"- commit: {prov['commit']}{' (dirty)' if prov['dirty'] else ''}",
-      f"- machine: {prov['machine']['platform']}, {prov['machine']['cpu_count']} cores, "
-      f"{record['devices']} device(s) x {record['processes']} process(es), "
-      f"jax {prov['versions'].get('jax')}",
+      *markdown_lines(prov, f"{record['devices']} device(s) x {record['processes']} "
+                      "process(es)"),
       f"- seeds: model/data {cfg['seed']}, protocol {cfg['eval']['seed']}",
       f"- training: {record['steps']} steps, batch {cfg['train']['batch_size']}, "
       f"{record['train_seconds_total']:.1f} s in all, {record['nonfinite_skipped']} non-finite "
