@@ -121,7 +121,7 @@ def test_pickle_loaders_name_the_file_for_any_corruption(tmp_path):
   blob = bytearray(pickle.dumps({"train": {"text": "x" * 100}}, protocol=4))
   blob[10] = 0x80  # the FRAME length's top byte: >= 2**63
   path.write_bytes(bytes(blob))
-  with pytest.raises(DataError, match="cannot read the pickle.*OverflowError") as info:
+  with pytest.raises(DataError, match="cannot read the pickle.*frame size") as info:
     load_mult(str(path))
   assert str(path) in str(info.value)
   path.write_bytes(pickle.dumps({"train": {}, "valid": {}, b"test": {}}))
@@ -130,7 +130,7 @@ def test_pickle_loaders_name_the_file_for_any_corruption(tmp_path):
     load_mult(str(path))
   assert str(path) in str(info.value)
   path = _mutated(tmp_path, lambda d: d["valid"].__setitem__(b"text", d["valid"].pop("text")))
-  with pytest.raises(DataError, match=r"split 'valid', key 'text': missing .*\[b'text'\]"):
+  with pytest.raises(DataError, match=r"split 'valid' has keys .*non-string key\(s\) \[b'text'\]"):
     load_mult(path)
   mmsa = tmp_path / "aligned_50.pkl"
   fakes.write_mmsa(mmsa, aligned=True, mutate=_set("train", "audio", lambda x: x[..., :4]))

@@ -64,8 +64,8 @@ def _payloads(blob):
   """``(start, length)`` of the raw bytes of the numeric arrays in a pickle.
 
   Flipping bytes there changes array values only; flipping bytes of the opcode
-  stream can crash the interpreter (see the subprocess test below), so the
-  in-process properties never do.
+  stream is left to a subprocess (test_pickle_loaders_on_corrupted_opcodes
+  below), where a crash cannot take pytest down.
   """
   regions = []
   for _, arg, pos in pickletools.genops(blob):
@@ -239,10 +239,9 @@ def test_pickle_loaders_on_non_string_keys(pickle_files, layout, level, split, i
   target[new_key] = target.pop(key)
   path = folder / name
   path.write_bytes(pickle.dumps(d))
-  try:
+  with pytest.raises(DataError, match="non-string key") as info:
     data.load_dataset(LAYOUTS[layout][0], path=str(path))
-  except DataError as e:
-    assert str(path) in str(e)
+  assert str(path) in str(info.value)
 
 
 @_settings(12)
@@ -264,15 +263,12 @@ def test_mmsa_inferred_dataset_on_corrupted_widths(pickle_files, aligned, split,
   assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "numpy's ndarray.__setstate__ trusts the shape of a pickled object array: "
-    "one corrupted byte in the shape of the ids array ((12, 2) -> (12, 249)) "
-    "segfaults the interpreter inside pickle.load, so the loader (plain "
-    "pickle.load, no restricted Unpickler validating array states) cannot "
-    "report it as a DataError"))
 def test_pickle_loader_survives_corrupted_object_array_shape(tmp_path):
-  """One corrupted byte in the pickle's opcode stream is a DataError, not a crash
-  (run in a subprocess: the crash would take pytest down)."""
+  """One corrupted byte in the shape of an object array is a DataError, not a
+  crash (issue 20). numpy's ndarray.__setstate__ trusts the shape and reads past
+  the list of elements ((12, 2) -> (12, 249) segfaulted inside pickle.load); the
+  data-only loader checks the state before numpy sees it. In a subprocess: a
+  regression would take pytest down."""
   path = tmp_path / "mosi_data.pkl"
   fakes.write_mult(str(path), "mosi")
   blob = path.read_bytes()
@@ -288,6 +284,57 @@ def test_pickle_loader_survives_corrupted_object_array_shape(tmp_path):
     pytest.fail(f"unexpected exit {proc.returncode}: {proc.stderr[-300:]}")
   assert proc.returncode == 0, "segmentation fault"
   assert proc.stdout.startswith("DataError") and str(path) in proc.stdout
+  assert "needs 2988 elements, the file gives 24" in proc.stdout, proc.stdout
+
+
+# Loads the corruptions named on stdin ("dataset valid-file corrupt-file offset xor"),
+# one output line each. Runs under an address-space limit: a corrupt length that
+# makes the loader allocate without bound is then a MemoryError, not the kernel
+# killing the CI machine's processes.
+_CORRUPT_OPCODES = """
+import logging, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+logging.disable(logging.WARNING)
+from modalimmune_jax import data
+for line in sys.stdin:
+  name, src, dst, offset, xor = line.split()
+  blob = bytearray(open(src, "rb").read())
+  blob[int(offset)] ^= int(xor)
+  open(dst, "wb").write(blob)
+  try:
+    data.load_dataset(name, path=dst)
+    print("ok", flush=True)
+  except data.DataError as e:
+    print("DataError", repr(str(e)), flush=True)
+  except BaseException as e:
+    print("other", type(e).__name__, repr(str(e)[:200]), flush=True)
+"""
+
+
+def test_pickle_loaders_on_corrupted_opcodes(pickle_files, tmp_path):
+  """One flipped byte anywhere outside the array payloads (opcodes, lengths,
+  shapes, dtype specs, global names; 100 seeded draws per layout) loads or is a
+  one-line DataError naming the file: never a crash or another exception. All
+  in one subprocess (a crash would take pytest down)."""
+  rng = np.random.default_rng(20)
+  lines = []
+  for layout, (_, name, blob, payloads) in sorted(pickle_files.items()):
+    inside = np.zeros(len(blob), bool)
+    for start, length in payloads:
+      inside[start:start + length] = True
+    offsets = rng.choice(np.flatnonzero(~inside), size=100, replace=False)
+    src, dst = tmp_path / f"{layout}.valid", tmp_path / layout / name
+    src.write_bytes(blob)  # the fixture's file holds the last test's corruption
+    dst.parent.mkdir()
+    lines += [f"{LAYOUTS[layout][0]} {src} {dst} {o} {rng.integers(1, 256)}" for o in offsets]
+  proc = subprocess.run([sys.executable, "-c", _CORRUPT_OPCODES], cwd=REPO, timeout=600,
+                        input="\n".join(lines) + "\n", capture_output=True, text=True)
+  assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-500:]}"
+  results = proc.stdout.splitlines()
+  assert len(results) == len(lines)
+  for line, result in zip(lines, results):
+    assert result == "ok" or (result.startswith("DataError ") and line.split()[2] in result
+                              and "\\n" not in result), (line, result)
 
 
 # ----------------------------------------------------------- mfeat ----

@@ -19,18 +19,21 @@ counted, reported in ``dataset.meta["nonfinite"]`` and logged. Every other
 deviation (missing key, wrong shape or dtype, truncated file) is a
 :class:`DataError` naming the file, split and key.
 
-Pickles can run code when loaded: load only files you trust.
+Files are read with :mod:`modalimmune_jax.data.safe_pickle`, which rebuilds
+arrays, numbers, strings, lists, tuples and dicts and nothing else: a file that
+names any other function or class (``os.system``, ``exec``, ...) is a
+:class:`DataError` naming the file and the name, raised before it runs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 from typing import Any
 
 import numpy as np
 
+from modalimmune_jax.data import safe_pickle
 from modalimmune_jax.data.core import SPLITS, DataError, MultimodalDataset, MultimodalSplit
 
 __all__ = ["load_mult", "load_mmsa", "IEMOCAP_EMOTIONS", "KNOWN_WIDTHS"]
@@ -51,21 +54,8 @@ KNOWN_WIDTHS = {
 
 
 def _read_pickle(path: str) -> Any:
-  if not os.path.isfile(path):
-    raise DataError(f"{path}: no such file")
-  try:
-    with open(path, "rb") as f:
-      try:
-        return pickle.load(f)
-      except UnicodeDecodeError:  # written by Python 2
-        f.seek(0)
-        return pickle.load(f, encoding="latin1")
-  except Exception as e:  # pylint: disable=broad-except
-    # A corrupt stream can fail in any way: EOFError, UnpicklingError,
-    # OverflowError (impossible frame length), SystemError and RuntimeError
-    # (flipped opcodes), KeyError, ImportError, MemoryError, ...
-    raise DataError(f"{path}: cannot read the pickle (truncated or corrupt?): "
-                    f"{type(e).__name__}: {e}") from e
+  """The unpickled file, through :func:`safe_pickle.load` (data only)."""
+  return safe_pickle.load(path)
 
 
 def _read_splits(path: str) -> dict:
@@ -100,6 +90,9 @@ class _Checker:
     if not isinstance(record, dict):
       raise DataError(f"{path}: split {split!r} is a {type(record).__name__}, "
                       "expected a dict of arrays")
+    if any(not isinstance(k, str) for k in record):  # a key's name is corrupted
+      raise DataError(f"{path}: split {split!r} has keys {_key_list(record)}"
+                      f"{_non_str_note(record)}")
     self.record = record
 
   def fail(self, key: str, message: str):
