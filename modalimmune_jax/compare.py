@@ -4,8 +4,9 @@
         --methods=plain,dropout,modalimmune --seeds=0,1,2 --workdir=runs/cmp
 
 For each method the same tuning budget is spent first: every trial of the
-method's search space (:data:`SEARCH`, the same number of trials for each
-method) is trained with the first seed and scored on the **valid** split by the
+method's search space (its spec's ``search``, :mod:`modalimmune_jax.methods`;
+3 trials for every built-in method, one trial of the defaults for a method
+without a search space) is trained with the first seed and scored on the **valid** split by the
 selection score (the headline metric averaged over the ``full`` condition and
 every missing-modality condition); the best trial's settings then train every
 seed, evaluated on ``config.eval.split`` (test). The test split never enters a
@@ -24,8 +25,9 @@ of every trial, the provenance of every run), ``comparison.png`` and, when the
 protocol has cell-eta conditions (``eval.cell_etas``), ``cell_eta.png`` (the
 robustness curves); a linear
 reference (:mod:`modalimmune_jax.reference`) on the same protocol is printed
-beside the table. ``--ablation`` compares ModalImmune with each part switched
-off in turn (:data:`ABLATIONS`) instead of methods.
+beside the table. ``--ablation`` compares a method (``--ablation_method``,
+ModalImmune by default) with each part switched off in turn (its spec's
+``ablations``) instead of methods.
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
-from modalimmune_jax import protocol
+from modalimmune_jax import methods, protocol
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for every run and the comparison.")
 flags.DEFINE_list("methods", ["plain", "dropout", "modalimmune"], "Methods to compare.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each trains and evaluates once).")
-flags.DEFINE_bool("tune", True, "Spend the tuning budget (SEARCH) on the valid split first.")
-flags.DEFINE_bool("ablation", False, "Compare ModalImmune ablations (ABLATIONS) instead.")
+flags.DEFINE_bool("tune", True, "Spend the tuning budget (each method's search space) on the "
+                  "valid split first.")
+flags.DEFINE_bool("ablation", False, "Compare the ablation rows of --ablation_method instead.")
+flags.DEFINE_string("ablation_method", "modalimmune", "The method whose ablation rows "
+                    "(MethodSpec.ablations) --ablation compares.")
 flags.DEFINE_bool("reference", True, "Fit and print the linear reference.")
 flags.DEFINE_bool("together", False, "Train the seeds of a method as one vmapped program "
                   "(train.train_seeds) where the method allows it; per-seed work directories "
@@ -55,53 +60,6 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:vari
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-# The tuning budget: the same number of trials for every method, each a set of
-# config overrides. plain: regularisation (fusion/encoder dropout, weight
-# decay); dropout: its rate; modalimmune: the intervention (kind and
-# probability; its loss weights are tuned by BHGD during training);
-# consistency: its weight and PGD radius.
-SEARCH: dict[str, list[dict[str, Any]]] = {
-    "plain": [{"model.dropout": 0.0, "optim.weight_decay": 1e-4},
-              {"model.dropout": 0.1, "optim.weight_decay": 1e-3},
-              {"model.dropout": 0.3, "optim.weight_decay": 1e-2}],
-    # dropout: its rate, per cell (ours) and at the cell-eta convention (GCNet trains
-    # at the test rate; 0.5 is the middle of the evaluated etas)
-    "dropout": [{"method.dropout.rate": 0.3}, {"method.dropout.rate": 0.5},
-                {"method.dropout.convention": "cell_eta", "method.dropout.rate": 0.5}],
-    "modalimmune": [{"method.modalimmune.intervention": "drop",
-                     "method.modalimmune.p_destroy": 0.6},
-                    {"method.modalimmune.intervention": "drop_cells",
-                     "method.modalimmune.p_destroy": 0.3},
-                    {"method.modalimmune.intervention": "drop_cells",
-                     "method.modalimmune.p_destroy": 0.5}],
-    # the authors' defaults (w 0.01, eps 1e-3 on LLM token embeddings) and two
-    # larger scales for our layer-normalised encoder outputs
-    # ebr: its adversarial weight; distill: its weight; cmpt: its alignment weight
-    "ebr": [{"method.ebr.adversarial_weight": w} for w in (0.01, 0.1, 1.0)],
-    "distill": [{"method.distill.weight": w} for w in (0.1, 1.0, 10.0)],
-    "cmpt": [{"method.cmpt.align_weight": w} for w in (0.05, 0.2, 1.0)],
-    "consistency": [{"method.consistency.weight": 0.01, "method.consistency.pgd_eps": 1e-3},
-                    {"method.consistency.weight": 0.1, "method.consistency.pgd_eps": 1e-2},
-                    {"method.consistency.weight": 1.0, "method.consistency.pgd_eps": 0.1}],
-}
-
-# Each row switches one part of ModalImmune off (a row is one config).
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "modalimmune": {},
-    "no controller (uniform alpha)": {"method.modalimmune.controller": False},
-    "no collapse regulariser": {"method.modalimmune.collapse": False},
-    "no interventions": {"method.modalimmune.interventions": False},
-    "no curvature mask": {"method.modalimmune.curvature_mask": False},
-    "no BHGD (fixed meta-parameters)": {"method.modalimmune.bhgd": False},
-    "no reconstruction generator": {"model.reconstruction": False},
-    "no property vectors": {"model.property_vectors": False},
-}
-
-# Baselines without the authors' code, written from their papers (and a third-party
-# reimplementation for EBR): labelled in every table.
-REIMPLEMENTED = {"ebr": "reimpl., no official code", "distill": "reimpl., cross-modal KD",
-                 "cmpt": "reimpl."}
-
 MISSING_KINDS = protocol.MISSING_KINDS
 selection_score = protocol.selection_score
 
@@ -110,16 +68,18 @@ def finished(config, workdir: str) -> dict | None:
   """``results.json`` of a finished run of ``config`` in ``workdir``, or None.
 
   The run's config must equal ``config`` except in the other methods' sections
-  (:func:`modalimmune_jax.config.differences`): a key added to EBR's section
-  does not make the finished plain runs stale, one added to plain's would.
+  (:func:`modalimmune_jax.config.differences`) and the keys that only change
+  what is logged (:data:`~modalimmune_jax.config.LOGGING_ONLY`): a key added to
+  EBR's section does not make the finished plain runs stale, one added to
+  plain's would.
   """
-  from modalimmune_jax.config import differences
+  from modalimmune_jax.config import LOGGING_ONLY, differences
   path = os.path.join(workdir, "results.json")
   if not os.path.isfile(path):
     return None
   with open(path) as f:
     record = json.load(f)
-  diff = differences(record.get("config") or {}, config)
+  diff = differences(record.get("config") or {}, config, ignore=LOGGING_ONLY)
   if not diff:
     print(f"done already: {workdir}", file=sys.stderr)
     return record
@@ -197,6 +157,17 @@ def aggregate(records: dict[str, list[dict]], metric: str) -> dict:
   return out
 
 
+def _label(row: str) -> str:
+  """How tables mark a method's row (a reimplementation, say); "" for others."""
+  return methods.get(row).label if row in methods.names() else ""
+
+
+def search_space(name: str) -> tuple[dict, ...]:
+  """The tuning trials of method ``name``: its spec's ``search``, or one trial of
+  its defaults when it has none."""
+  return tuple(methods.get(name).search) or ({},)
+
+
 def _cell(entry: dict, scale: float) -> str:
   return f"{scale * entry['mean']:.2f} ± {scale * entry['std']:.2f}"
 
@@ -222,7 +193,7 @@ def render(agg: dict, metric: str, *, title: str, dominant: str | None,
               f"(removed in '{drop_dom}')." if drop_dom else ""), "",
            "| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
   for label in labels:
-    shown = f"{label} ({REIMPLEMENTED[label]})" if label in REIMPLEMENTED else label
+    shown = f"{label} ({_label(label)})" if _label(label) else label
     lines.append(f"| {shown} | " + " | ".join(_cell(agg[label][c], scale) for c in head) + " |")
   if reference is not None:
     ref = reference["rows"]
@@ -329,13 +300,20 @@ def main(argv) -> int:
     seeds = [int(s) for s in FLAGS.seeds]
   except ValueError:
     raise cli.FlagError(f"--seeds must be integers, got {FLAGS.seeds}")
+  known = methods.names()
   if FLAGS.ablation:
-    rows = {label: with_overrides(base, dict(o, **{"method.name": "modalimmune"}))
-            for label, o in ABLATIONS.items()}
+    if FLAGS.ablation_method not in known or not methods.get(FLAGS.ablation_method).ablations:
+      raise cli.FlagError(f"--ablation_method: {FLAGS.ablation_method!r} has no ablation rows; "
+                          f"methods with them: "
+                          f"{[n for n in known if methods.get(n).ablations]}")
+    name = FLAGS.ablation_method
+    rows = {label: with_overrides(base, dict(o, **{"method.name": name}))
+            for label, o in methods.get(name).ablations.items()}
   else:
-    unknown = [m for m in FLAGS.methods if m not in SEARCH]
+    unknown = [m for m in FLAGS.methods if m not in known]
     if unknown:
-      raise cli.FlagError(f"--methods: unknown {unknown}; known {sorted(SEARCH)}")
+      raise cli.FlagError(f"--methods: unknown {unknown}; known {list(known)} (a method of "
+                          "your own: register its spec in your config file)")
     rows = {m: with_overrides(base, {"method.name": m}) for m in FLAGS.methods}
   rows = {label: with_overrides(cfg, {"train.seeds": ()}) for label, cfg in rows.items()}
   for label, cfg in rows.items():
@@ -353,7 +331,7 @@ def main(argv) -> int:
   if FLAGS.tune and not FLAGS.ablation:
     for label, cfg in rows.items():
       trials = []
-      for i, overrides in enumerate(SEARCH[label]):
+      for i, overrides in enumerate(search_space(label)):
         trial_cfg = with_overrides(cfg, dict(overrides, **{"seed": seeds[0],
                                                            "eval.split": "valid"}))
         rec = run_once(trial_cfg, os.path.join(FLAGS.workdir, "tune", label, str(i)))
@@ -391,7 +369,8 @@ def main(argv) -> int:
           "machine": f"{prov['machine']['processor']}, {prov['machine']['cpu_count']} cores, "
                      f"{prov['machine']['jax_backend']}",
           "modalities": list(dataset.modality_names)}
-  title = (f"{'ModalImmune ablation' if FLAGS.ablation else 'Comparison'} on {dataset.name}")
+  kind = f"{FLAGS.ablation_method} ablation" if FLAGS.ablation else "Comparison"
+  title = f"{kind} on {dataset.name}"
   dominant, info["dominant_how"] = dominant_modality(dataset, agg, metric == "MAE")
   costs = step_costs(chosen)
   md = render(agg, metric, title=title, dominant=dominant, reference=reference,

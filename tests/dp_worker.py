@@ -29,7 +29,7 @@ def run_steps(config, num_devices=0, steps=STEPS):
   count into lr-sized differences. The subject here is the data-parallel
   reduction, which SGD passes through unamplified. The same holds for the
   optimisers a method builds for its own parameters (EBR's nets, the
-  distillation teacher: ``train.make_optimizer``, Adam), made SGD here too
+  distillation teacher: ``build.make_optimizer``, Adam), made SGD here too
   (the teacher's attention key biases have an exactly zero gradient, which
   Adam turns into lr-sized steps of rounding noise).
   """
@@ -39,10 +39,9 @@ def run_steps(config, num_devices=0, steps=STEPS):
   import numpy as np
   import optax
 
-  from modalimmune_jax import train
-
+  from modalimmune_jax import build, train
   from modalimmune_jax.step import host_copy, shard_batch
-  with mock.patch.object(train, "make_optimizer", lambda *a, **k: optax.sgd(0.05)):
+  with mock.patch.object(build, "make_optimizer", lambda *a, **k: optax.sgd(0.05)):
     run = train.setup(config, optimizer=optax.sgd(0.05), num_devices=num_devices)
   state, step, batches, mesh = run.state, run.step_fn, run.batches, run.mesh
   rng = jax.random.key(config.seed)

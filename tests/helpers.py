@@ -49,3 +49,17 @@ def run_finite_steps(run, num_steps, each=None):
     if each is not None:
       each(s, metrics)
   return state
+
+
+def load_script(name):
+  """``experiments/<name>.py`` as a module (its folder on ``sys.path``, as when
+  it runs as a script), so a test can call its functions and ``main``."""
+  import sys
+  folder = os.path.join(ROOT, "experiments")
+  if folder not in sys.path:
+    sys.path.insert(0, folder)
+  spec = importlib.util.spec_from_file_location(f"experiment_{name}",
+                                                os.path.join(folder, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

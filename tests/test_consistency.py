@@ -217,10 +217,3 @@ def test_config_names_a_bad_consistency_key():
       validate_config(with_overrides(base, {key: value}))
   with pytest.raises(ConfigError, match="method.consistency.targets"):
     train.setup(with_overrides(base, {"method.consistency.targets": ("video",)}))
-
-
-def test_every_method_name_the_config_accepts_is_registered():
-  from modalimmune_jax.config import _CHOICES
-  from modalimmune_jax.methods import METHODS
-  assert set(_CHOICES["method.name"]) == set(METHODS)
-  assert "consistency" in METHODS

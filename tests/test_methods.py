@@ -103,8 +103,8 @@ def test_dropout_independent_default_is_unchanged_bit_for_bit():
 
 
 def test_dropout_convention_config_errors_name_the_key():
-  from modalimmune_jax.config import _CHOICES
-  assert _CHOICES["method.dropout.convention"] == dr.CONVENTIONS
+  from modalimmune_jax import methods, schema
+  assert schema.rules(dr.Settings)["convention"].choices == dr.CONVENTIONS
   config = with_overrides(base_config(), {"method.name": "dropout"})
   with pytest.raises(ConfigError, match="'method.dropout.convention'"):
     validate_config(with_overrides(config, {"method.dropout.convention": "per_batch"}))
@@ -113,10 +113,10 @@ def test_dropout_convention_config_errors_name_the_key():
                                             "method.dropout.rates": (0.1, 0.2, 0.3)}))
   model = ModelFns(None, ("a", "b", "c"), "classification")
   with pytest.raises(ConfigError, match="'method.dropout.rate'.*0.6667"):
-    dr.from_config(with_overrides(config, {"method.dropout.convention": "cell_eta",
-                                           "method.dropout.rate": 0.9}), model, None)
-  assert dr.from_config(with_overrides(config, {"method.dropout.convention": "sample_eta"}),
-                        model, None).name == "dropout"
+    methods.from_config(with_overrides(config, {"method.dropout.convention": "cell_eta",
+                                                "method.dropout.rate": 0.9}), model, None)
+  assert methods.from_config(with_overrides(config, {"method.dropout.convention": "sample_eta"}),
+                             model, None).name == "dropout"
 
 
 def test_controller_moves_toward_the_modality_the_model_leans_on():

@@ -1,6 +1,7 @@
 """ModalImmune through the real loop: every switch trains, and a stopped run resumes exactly."""
 
 import itertools
+import json
 
 import jax
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from modalimmune_jax import train
 from modalimmune_jax.config import with_overrides
 from modalimmune_jax.step import host_copy, shard_batch
+from modalimmune_jax.tensorboard import read_scalars
 from tests.helpers import get_config, run_finite_steps
 
 # The switches of an ablation table (config key -> (on, off) values).
@@ -94,6 +96,45 @@ def test_stopped_modalimmune_run_resumes_exactly(tmp_path):
   assert int(ms.controller.count) == 6 and int(ms.hyper.applied + ms.hyper.rejected) == 4
   log = (tmp_path / "resumed" / "metrics.jsonl").read_text()
   assert log.count('"event": "hypergrad"') == 4 and '"event": "resume"' in log
+  # TensorBoard: every number of metrics.jsonl (training, the intensities and
+  # meta-parameters, each hyper-step's certificate) and the protocol's headline
+  # metrics read back as logged; the resumed run's curves equal the uninterrupted's
+  for name, summary in (("full", full), ("resumed", resumed)):
+    tb = _tensorboard_matches_the_log(tmp_path / name)
+    for row in summary["protocol"]["rows"]:
+      assert tb[f"test/accuracy/{row['condition']}"] == [(12, _f32(row["accuracy"]))]
+  assert (read_scalars(str(tmp_path / "full"))["train/alpha/text"]
+          == read_scalars(str(tmp_path / "resumed"))["train/alpha/text"])
+
+
+def _f32(x):
+  return float(np.float32(x))
+
+
+def _tensorboard_matches_the_log(workdir):
+  """Every finite number of every ``metrics.jsonl`` record is in TensorBoard's
+  event files at the record's step, tagged ``<split or event>/<name>``."""
+  tb = read_scalars(str(workdir))
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+  def numbers(values, prefix):
+    for k, v in values.items():
+      if isinstance(v, dict):
+        yield from numbers(v, f"{prefix}{k}/")
+      elif isinstance(v, (int, float)) and np.isfinite(v):
+        yield f"{prefix}{k}", v
+
+  kinds = set()
+  for r in records:
+    kind = r.get("split") or r.get("event")
+    kinds.add(kind)
+    rest = {k: v for k, v in r.items() if k not in ("step", "split", "event")}
+    for tag, v in numbers(rest, f"{kind}/"):
+      assert (r["step"], _f32(v)) in tb[tag], (tag, r["step"], v)
+  assert {"train", "hypergrad"} <= kinds
+  assert {"train/meta/lambda", "train/alpha/audio", "hypergrad/error_bound",
+          "hypergrad/before/kappa"} <= set(tb)
+  return tb
 
 
 def test_drop_cells_with_uniform_intensities_is_dropout_at_p_destroy():

@@ -244,8 +244,10 @@ def test_nonfinite_method_statistic_stops_naming_step_and_term(tmp_path, monkeyp
   config = _config(max_nonfinite=3, log_every=4)
   config.checkpoint.enabled = False
   reads = []
-  real = train.host_copy
-  monkeypatch.setattr(train, "host_copy", lambda t: reads.append(1) or real(t))
+  from modalimmune_jax.train import loop, run
+  real = loop.host_copy
+  for module in (loop, run):  # the loop's reads and the run's
+    monkeypatch.setattr(module, "host_copy", lambda t: reads.append(1) or real(t))
   with pytest.raises(train.NonFiniteError,
                      match=r"non-finite method_state.stat at step 7: 3 bad step\(s\) in a row "
                            r"\(train.max_nonfinite=3\)"):

@@ -11,6 +11,8 @@ import pytest
 from modalimmune_jax import train
 from modalimmune_jax.config import ConfigError, validate_config, with_overrides
 from modalimmune_jax.methods import plain
+from modalimmune_jax.train.run import Run
+from modalimmune_jax.train.seeds import one_program
 from tests.helpers import flat, get_config
 
 SEEDS = (0, 3)
@@ -91,12 +93,12 @@ def test_a_method_with_seed_dependent_closures_is_not_vmapped(tmp_path):
     loss = lambda *args, **kw: (lambda t, d, m: (t + shift, d, m))(*base.loss(*args, **kw))
     return base._replace(loss=loss)
 
-  runs = [train._Run(with_overrides(config, {"seed": s}), str(tmp_path / str(s)), dataset,
+  runs = [Run(with_overrides(config, {"seed": s}), str(tmp_path / str(s)), dataset,
                      method, "refuse") for s in SEEDS]
-  assert "another program" in train._one_program(runs)
-  same = [train._Run(with_overrides(config, {"seed": s}), str(tmp_path / f"p{s}"), dataset,
+  assert "another program" in one_program(runs)
+  same = [Run(with_overrides(config, {"seed": s}), str(tmp_path / f"p{s}"), dataset,
                      None, "refuse") for s in SEEDS]
-  assert train._one_program(same) is None
+  assert one_program(same) is None
 
 
 def test_train_seeds_config_is_checked():

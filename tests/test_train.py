@@ -12,6 +12,7 @@ from modalimmune_jax import train
 from modalimmune_jax.config import ConfigError, base_config, validate_config
 from modalimmune_jax.methods import Method, plain
 from modalimmune_jax.step import TrainState, make_train_step
+from modalimmune_jax.train.run import Run
 from tests.helpers import ROOT, flat, get_config
 
 
@@ -48,6 +49,17 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
 
 
 
+def test_tensorboard_switch_off_writes_no_event_files(tmp_path):
+  config = get_config()
+  config.train.tensorboard = False
+  run = Run(config, str(tmp_path), train.load_data(config), None, "refuse")
+  run.open(predict=None, grouped=False)
+  run.write_log({"step": 1, "split": "train", "loss": 0.5})
+  run.close()
+  assert os.path.isfile(tmp_path / "metrics.jsonl")
+  assert not [f for f in os.listdir(tmp_path) if "tfevents" in f]
+
+
 def test_resumed_run_steps_with_the_fresh_run_s_program(uninterrupted, tmp_path):
   """The restored state and key are placed as the fresh run's (sharding and
   commitment), so a resume finds its step in the compilation cache: a restored key
@@ -56,9 +68,9 @@ def test_resumed_run_steps_with_the_fresh_run_s_program(uninterrupted, tmp_path)
   now, first step 8 s instead of 38 s on this machine)."""
   config, _, workdir = uninterrupted
   data = train.load_data(config)
-  resumed = train._Run(config, workdir, data, None, "refuse")
+  resumed = Run(config, workdir, data, None, "refuse")
   assert resumed.restore() == config.train.steps
-  fresh = train._Run(config, str(tmp_path), data, None, "refuse")
+  fresh = Run(config, str(tmp_path), data, None, "refuse")
   placement = lambda r: [(x.sharding, x.committed)
                          for x in jax.tree.leaves((r.state, r.base_rng))]
   assert placement(resumed) == placement(fresh)
@@ -175,7 +187,10 @@ def test_trains_end_to_end_on_benchmark_layouts(tmp_path, name, filename, layout
   rows = {r["condition"]: r for r in summary["protocol"]["rows"]}
   assert {"full", "text only", "frame missing 0.5", "noise 0 dB"} <= set(rows)
   key = {"mosi": "Has0_acc_2", "mosei": "MAE", "iemocap": "acc_4class"}[name]
-  assert rows["full"][key] is not None
+  low, high = (0.0, 6.0) if key == "MAE" else (0.0, 1.0)  # MOSI/MOSEI labels lie in [-3, 3]
+  for condition, row in rows.items():
+    value = row[key]
+    assert value is not None and np.isfinite(value) and low <= value <= high, (condition, row)
 
 
 @pytest.mark.slow

@@ -39,14 +39,24 @@ loss sees the local rows of the global batch; ``axis_name`` is the mesh axis,
 and ``rng`` is the same on every device (use :func:`local_rows` for
 per-sample draws, so that N devices draw exactly what 1 device draws).
 
-Example (a method that adds an L2 penalty on the fused representation):
+A method module also declares a :class:`MethodSpec`: its name, its settings
+(the config section ``config.method.<name>``, each key with its rule and
+source), how it is built from a config, its tuning trials for ``compare`` and
+the model parts it needs; :mod:`modalimmune_jax.methods` finds it by name.
+``docs/method.md`` ("Writing a method") has the contract in full and a complete
+example, run by the tests.
 
-  >>> def l2_fused(model, weight):
+Example (a method that adds an L2 penalty on the fused representation; the
+reconstruction loss trains the model's generator, as every method's does):
+
+  >>> def l2_fused(model, weight, reconstruction_weight=1.0):
   ...   def loss(params, state, batch, rng, axis_name=None):
   ...     out = model.apply(params, batch, rng, axis_name=axis_name)
   ...     task = model.task_loss(out["outputs"], batch["labels"])
+  ...     recon = reconstruction_loss(out, batch["presence"], axis_name)
   ...     extra = weight * jnp.mean(out["fused"] ** 2)
-  ...     return task + extra, 0.0, {"task_loss": task}
+  ...     total = task + reconstruction_weight * recon + extra
+  ...     return total, 0.0, {"task_loss": task, "recon_loss": recon}
   ...   return Method("l2_fused", init=lambda params: (), loss=loss)
 """
 
@@ -59,9 +69,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-__all__ = ["Method", "ModelFns", "task_loss", "cell_mean", "reconstruction_loss",
-           "global_batch_size",
-           "has_floats", "all_finite",
+__all__ = ["Method", "MethodSpec", "NoSettings", "ModelFns", "task_loss", "cell_mean",
+           "reconstruction_loss", "global_batch_size", "has_floats", "all_finite",
            "local_rows", "no_update"]
 
 
@@ -83,7 +92,47 @@ class Method(NamedTuple):
   faults: Callable[[Any, Any], dict] | None = None
   predict_hook: Callable[[Any, Any], Callable] | None = None
   post_transforms: tuple = ()
-  # why its seeds must not share one vmapped program (train.train_seeds); "" = they may
+
+
+class NoSettings(NamedTuple):
+  """The settings of a method that has none (no config section)."""
+
+
+class MethodSpec(NamedTuple):
+  """How a method is found by name and built from a config: one per method
+  module, registered with :func:`modalimmune_jax.methods.register`.
+
+  Attributes:
+    name: ``config.method.name``; the settings live in ``config.method.<name>``.
+    settings: a ``NamedTuple`` whose fields are exactly the keys of that
+      section, each ``Annotated[type, schema.Key(doc, ...)]`` with its rule
+      and source (:mod:`modalimmune_jax.schema`); the section, its validation
+      and ``experiments/configs/METHODS.md`` derive from it. A method without
+      settings leaves the empty default.
+    build: ``build(settings, config, model, dataset) -> Method``; may raise
+      :class:`~modalimmune_jax.schema.ConfigError` for settings that do not fit
+      the data (naming the key), before anything compiles.
+    search: ``compare``'s tuning trials, each a dict of dotted config
+      overrides (every built-in method has 3).
+    model_parts: ``settings -> dict`` of extra
+      :class:`~modalimmune_jax.model.MultimodalModel` arguments the method
+      needs (CMPT's proxy tokens, LoRA, gate); None for none.
+    validate: ``settings -> None``, checks across keys (``ConfigError``).
+    label: how tables mark the method (``"reimpl., no official code"``).
+    about: the paragraph ``METHODS.md`` prints above the method's table.
+    search_docs: ``{key: source}`` of tuned keys outside the method's section.
+    ablations: ``{row label: overrides}``, the rows of ``compare --ablation``.
+  """
+  name: str
+  build: Callable[..., Method]
+  settings: type = NoSettings
+  search: tuple = ()
+  model_parts: Callable[[Any], dict] | None = None
+  validate: Callable[[Any], None] | None = None
+  label: str = ""
+  about: str = ""
+  search_docs: dict = {}
+  ablations: dict = {}
 
 
 def has_floats(tree) -> bool:

@@ -38,32 +38,49 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from modalimmune_jax.masking import PATTERNS
-from modalimmune_jax.methods.base import Method, ModelFns, cell_mean, reconstruction_loss
+from modalimmune_jax.methods.base import (Method, MethodSpec, ModelFns, cell_mean,
+                                          reconstruction_loss)
 from modalimmune_jax.methods.dropout import drop_modalities
 from modalimmune_jax.methods.plain import supervised_loss
+from modalimmune_jax.schema import Key
 
 __all__ = ["Settings", "DISTANCES", "pair_distance", "alignment_loss", "param_group",
-           "phase_freeze", "FreezeState", "cmpt", "model_parts", "pretrain_steps",
-           "from_config"]
+           "phase_freeze", "FreezeState", "cmpt", "model_parts", "pretrain_steps", "SPEC"]
 
 DISTANCES = ("mse", "l1", "cosine")
 
 
 class Settings(NamedTuple):
-  """The method's settings (``config.method.cmpt``; sources in ``docs/method.md``)."""
-  pretrain_steps: int = 0       # plain steps before the freeze
-  train_rate: float = 0.7       # sample-eta of the training batches after the freeze
-  patterns: str = "any"         # masking.keep_patterns
-  align_weight: float = 0.2
-  distance: str = "mse"
-  reconstruction_weight: float = 1.0
+  """``config.method.cmpt``: "paper" where the paper says it, "ours" where it is silent
+  or we differ (``docs/method.md``)."""
+  pretrain_fraction: Annotated[float, Key(
+      "ours: the paper starts from encoders pretrained elsewhere; we pretrain plainly for "
+      "half the run", within="[0, 1)")] = 0.5
+  train_rate: Annotated[float, Key(
+      "paper: trained at sample-eta 0.7 (MAP protocol)", within="[0, 1]")] = 0.7
+  patterns: Annotated[str, Key(
+      "paper: MAP \"both\" (text or image missing, 50:50) for 2 modalities; every non-empty "
+      "proper subset for more is ours (as MPLMM)", choices=PATTERNS)] = "any"
+  align_weight: Annotated[float, Key(
+      "paper: loss = task + 0.2 alignment", within="[0, inf)")] = 0.2
+  distance: Annotated[str, Key(
+      "ours: the paper does not state the distance (`l1`, `cosine` offered)",
+      choices=DISTANCES)] = "mse"
+  lora_rank: Annotated[int, Key(
+      "paper: rank 1, chosen by ablation", integer=True, within="[0, inf)")] = 1  # 0 = none
+  lora_targets: Annotated[str, Key(
+      "paper: the attention projections, where the encoders have them (the sequence "
+      "encoders of MOSI, MOSEI, IEMOCAP); ours for vector data: every encoder linear layer (a "
+      "vector encoder has no attention, so `attention` would adapt nothing)",
+      choices=("linear", "attention"))] = "linear"
+  gated_fusion: Annotated[bool, Key("paper: gating fusion of the modalities")] = True
 
 
 def pair_distance(proxy: jax.Array, target: jax.Array, distance: str) -> jax.Array:
@@ -142,23 +159,31 @@ def phase_freeze(pretrain_steps: int) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def cmpt(model: ModelFns, s: Settings = Settings()) -> Method:
+def cmpt(model: ModelFns, s: Settings = Settings(), pretrain_steps: int = 0,
+         reconstruction_weight: float = 1.0) -> Method:
   """The CMPT method for a model built with proxy tokens (and, usually, LoRA
   and gated fusion: :func:`model_parts`).
 
+  Args:
+    model: the model as pure functions.
+    s: :class:`Settings` (``pretrain_fraction`` and the model parts are read by
+      :func:`from_config` and :func:`model_parts`).
+    pretrain_steps: plain steps before the freeze.
+    reconstruction_weight: ``mu``, the generator's loss weight.
+
   Example:
-    >>> method = cmpt(model_fns, Settings(pretrain_steps=100, distance="cosine"))
+    >>> method = cmpt(model_fns, Settings(distance="cosine"), pretrain_steps=100)
   """
   if s.distance not in DISTANCES:
     raise ValueError(f"distance must be one of {DISTANCES}, got {s.distance!r}")
   if s.patterns not in PATTERNS:
     raise ValueError(f"patterns must be one of {PATTERNS}, got {s.patterns!r}")
-  if not 0.0 <= s.train_rate <= 1.0 or s.pretrain_steps < 0:
+  if not 0.0 <= s.train_rate <= 1.0 or pretrain_steps < 0:
     raise ValueError("need 0 <= train_rate <= 1 and pretrain_steps >= 0")
   zero = jnp.zeros([], jnp.float32)
 
   def pretrain(params, batch, rng, axis_name):
-    total, metrics, _ = supervised_loss(model, params, batch, rng, s.reconstruction_weight,
+    total, metrics, _ = supervised_loss(model, params, batch, rng, reconstruction_weight,
                                         axis_name)
     # shard_map: lax.cond's branches must agree on which values vary by device
     varying = (lambda x: x) if axis_name is None else (
@@ -175,18 +200,18 @@ def cmpt(model: ModelFns, s: Settings = Settings()) -> Method:
     # per-device counts of present cells differ: global denominators (exact over devices)
     recon = reconstruction_loss(out, dropped["presence"], axis_name)
     align = alignment_loss(out, dropped["presence"], s.distance, axis_name)
-    total = task + s.reconstruction_weight * recon
+    total = task + reconstruction_weight * recon
     metrics = dict(task_loss=task, recon_loss=recon, align_loss=align,
                    kept_fraction=jnp.mean(dropped["presence"].astype(jnp.float32)),
                    adapting=zero + 1.0)
     return total + s.align_weight * align, metrics
 
   def loss(params, state, batch, rng, axis_name=None):
-    if s.pretrain_steps == 0:
+    if pretrain_steps == 0:
       total, metrics = adapt(params, batch, rng, axis_name)
     else:
       total, metrics = jax.lax.cond(
-          state < s.pretrain_steps,
+          state < pretrain_steps,
           lambda: pretrain(params, batch, rng, axis_name),
           lambda: adapt(params, batch, rng, axis_name))
     return total, 0.0, metrics
@@ -194,19 +219,15 @@ def cmpt(model: ModelFns, s: Settings = Settings()) -> Method:
   def update(state, params, batch, rng, step, axis_name=None):
     return state + 1, {}
 
-  freeze = phase_freeze(s.pretrain_steps)
+  freeze = phase_freeze(pretrain_steps)
   return Method("cmpt", init=lambda params: jnp.zeros([], jnp.int32), loss=loss,
                 update=update, transforms=(freeze,), post_transforms=(freeze,))
 
 
-def model_parts(config) -> dict:
-  """The ``MultimodalModel`` arguments CMPT needs when ``config.method.name``
-  is ``"cmpt"`` (proxy tokens, LoRA, gated fusion), else ``{}``."""
-  if config.method.name != "cmpt":
-    return {}
-  c = config.method.cmpt
-  return dict(proxy_tokens=True, lora_rank=c.lora_rank, lora_targets=c.lora_targets,
-              gated_fusion=c.gated_fusion)
+def model_parts(s: Settings) -> dict:
+  """The ``MultimodalModel`` arguments CMPT needs: proxy tokens, LoRA, gate."""
+  return dict(proxy_tokens=True, lora_rank=s.lora_rank, lora_targets=s.lora_targets,
+              gated_fusion=s.gated_fusion)
 
 
 def pretrain_steps(config) -> int:
@@ -214,9 +235,11 @@ def pretrain_steps(config) -> int:
   return int(round(config.method.cmpt.pretrain_fraction * config.train.steps))
 
 
-def from_config(config, model: ModelFns, dataset) -> Method:
-  c = config.method.cmpt
-  return cmpt(model, Settings(pretrain_steps=pretrain_steps(config), train_rate=c.train_rate,
-                              patterns=c.patterns, align_weight=c.align_weight,
-                              distance=c.distance,
-                              reconstruction_weight=config.method.reconstruction_weight))
+def from_config(s: Settings, config, model: ModelFns, dataset) -> Method:
+  return cmpt(model, s, pretrain_steps(config), config.method.reconstruction_weight)
+
+
+SPEC = MethodSpec(
+    "cmpt", from_config, Settings, model_parts=model_parts, label="reimpl.",
+    about="Reimplementation from the paper (the official repository was not readable).",
+    search=tuple({"method.cmpt.align_weight": w} for w in (0.05, 0.2, 1.0)))

@@ -43,17 +43,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from modalimmune_jax.methods.base import (Method, ModelFns, global_batch_size, local_rows,
-                                          reconstruction_loss)
+from modalimmune_jax.methods.base import (Method, MethodSpec, ModelFns, global_batch_size,
+                                          local_rows, reconstruction_loss)
+from modalimmune_jax.schema import ConfigError, Key
 
 __all__ = ["Settings", "HEURISTICS", "DIVERGENCES", "PROB_FLOOR", "kl_divergence",
            "js_divergence", "js_authors_divergence", "divergence", "choose_targets",
-           "heuristic_copy", "pgd_delta", "consistency", "from_config"]
+           "heuristic_copy", "pgd_delta", "consistency", "SPEC"]
 
 HEURISTICS = ("zero", "noise", "swap")
 DIVERGENCES = ("kl", "js", "js_authors")
@@ -63,19 +64,34 @@ PROB_FLOOR = 1e-6
 
 
 class Settings(NamedTuple):
-  """Every setting of the method (``config.method.consistency``); the sources
-  are in ``docs/method.md``."""
-  heuristics: tuple[str, ...] = HEURISTICS
-  noise_std: float = 1.0
-  pgd_steps: int = 2           # 0: no adversarial copy
-  pgd_step_size: float = 0.1   # a
-  pgd_eps: float = 1e-3
-  pgd_detach: bool = True      # the adversarial copy's embeddings under stop_gradient
-  weight: float = 0.01         # w
-  temperature: float = 1.0     # T
-  divergence: str = "kl"
-  targets: tuple[str, ...] = ()  # modalities that may be perturbed; () = all
-  reconstruction_weight: float = 1.0
+  """``config.method.consistency``; the sources in ``docs/method.md``."""
+  heuristics: Annotated[tuple, Key(
+      "code: blank / noise / switch (`LlavaDataset.py`); the feature-input analogue is ours",
+      each=Key(choices=HEURISTICS))] = HEURISTICS
+  noise_std: Annotated[float, Key(
+      "ours: the features are standardised, so unit noise has the signal's scale",
+      within="[0, inf)")] = 1.0
+  pgd_steps: Annotated[int, Key(
+      "code: training configs use 1-2 (llava-v1.5-7b: 2); signature default 3",
+      integer=True, within="[0, inf)")] = 2  # 0: no adversarial copy
+  pgd_step_size: Annotated[float, Key(
+      "code: training configs (`a`); signature default 0.005", within="(0, inf)")] = 0.1
+  pgd_eps: Annotated[float, Key(
+      "code: training configs; signature default 0.03. Tuned because the authors' scale is "
+      "LLM token embeddings, ours layer-normalised encoder outputs", within="[0, inf)")] = 1e-3
+  pgd_detach: Annotated[bool, Key(
+      "code: the attacked copy's embeddings are detached")] = True
+  weight: Annotated[float, Key(
+      "code: training configs (`w`; 0.001 for the larger model); tuned with `pgd_eps`",
+      within="[0, inf)")] = 0.01
+  temperature: Annotated[float, Key(
+      "code: training configs (`T`)", within="(0, inf)")] = 1.0
+  divergence: Annotated[str, Key(
+      "code: the KL configs; `js_authors` is their \"JS\", `js` the textbook one (ours)",
+      choices=DIVERGENCES)] = "kl"
+  targets: Annotated[tuple, Key(
+      "ours: every modality may be perturbed (no modality is \"irrelevant\" in our data, "
+      "unlike the authors' image-question pairs)")] = ()  # () = every modality
 
 
 # ------------------------------------------------------------ divergences ----
@@ -256,12 +272,14 @@ def _concat(a: dict, b: dict) -> dict:
   return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), a, b)
 
 
-def consistency(model: ModelFns, settings: Settings = Settings()) -> Method:
+def consistency(model: ModelFns, settings: Settings = Settings(),
+                reconstruction_weight: float = 1.0) -> Method:
   """Consistency regularisation with heuristic and PGD perturbations.
 
   Args:
     model: the model as pure functions.
     settings: :class:`Settings`.
+    reconstruction_weight: ``mu``, the generator's loss weight.
 
   Returns:
     A :class:`~modalimmune_jax.methods.base.Method` (no state).
@@ -303,7 +321,7 @@ def consistency(model: ModelFns, settings: Settings = Settings()) -> Method:
     recon = reconstruction_loss(head, batch["presence"], axis_name)
     reference = jax.lax.stop_gradient(head["outputs"])
     copies = [clean["outputs"][b:]] if heuristics else []
-    total = clean_loss + s.reconstruction_weight * recon
+    total = clean_loss + reconstruction_weight * recon
     metrics = {"task_loss": model.task_loss(head["outputs"], batch["labels"]),
                "recon_loss": recon, "clean_loss": clean_loss}
 
@@ -337,15 +355,18 @@ def consistency(model: ModelFns, settings: Settings = Settings()) -> Method:
   return Method("consistency", init=lambda params: (), loss=loss)
 
 
-def from_config(config, model: ModelFns, dataset) -> Method:
-  c = config.method.consistency
-  from modalimmune_jax.config import ConfigError
-  unknown = [t for t in c.targets if t not in model.names]
+def from_config(s: Settings, config, model: ModelFns, dataset) -> Method:
+  unknown = [t for t in s.targets if t not in model.names]
   if unknown:
     raise ConfigError(f"config key 'method.consistency.targets' names {unknown}, not "
                       f"modalities of the data set {model.names}")
-  fields = {k: c[k] for k in Settings._fields if k in c}
-  fields["heuristics"] = tuple(fields["heuristics"])
-  fields["targets"] = tuple(fields["targets"])
-  return consistency(model, Settings(**fields,
-                                     reconstruction_weight=config.method.reconstruction_weight))
+  return consistency(model, s, config.method.reconstruction_weight)
+
+
+SPEC = MethodSpec(
+    "consistency", from_config, Settings,
+    # the authors' defaults (w 0.01, eps 1e-3 on LLM token embeddings) and two larger
+    # scales for our layer-normalised encoder outputs
+    search=({"method.consistency.weight": 0.01, "method.consistency.pgd_eps": 1e-3},
+            {"method.consistency.weight": 0.1, "method.consistency.pgd_eps": 1e-2},
+            {"method.consistency.weight": 1.0, "method.consistency.pgd_eps": 0.1}))

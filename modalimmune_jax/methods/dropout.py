@@ -39,21 +39,41 @@ exactly as one.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from modalimmune_jax.schema import ConfigError, Key
 from modalimmune_jax.masking import (PATTERNS, cell_eta_presence, keep_patterns,
                                      max_cell_eta, missing_count, random_presence,
                                      remove_modalities, sample_eta_presence)
-from modalimmune_jax.methods.base import Method, ModelFns, global_batch_size, local_rows
+from modalimmune_jax.methods.base import (Method, MethodSpec, ModelFns, global_batch_size,
+                                          local_rows)
 from modalimmune_jax.methods.plain import supervised_loss
 
-__all__ = ["CONVENTIONS", "dropout_presence", "drop_modalities", "expected_kept_fraction",
-           "modality_dropout", "from_config"]
+__all__ = ["CONVENTIONS", "Settings", "dropout_presence", "drop_modalities",
+           "expected_kept_fraction", "modality_dropout", "SPEC"]
 
 CONVENTIONS = ("independent", "cell_eta", "sample_eta", "mmdrop")
+
+
+class Settings(NamedTuple):
+  """``config.method.dropout``."""
+  rate: Annotated[float, Key(
+      "ours: the field has no single rate (MPLMM 0.6-0.7 per sample, slp's p per batch, "
+      "GCNet the test rate), so it is tuned around the middle of the evaluated rates (0.5 "
+      "both per cell and at cell-eta)", within="[0, 1)")] = 0.3
+  rates: Annotated[tuple, Key(
+      "ours: one rate for every modality (per-modality rates are an option, `independent` "
+      "only)", each=Key(within="[0, 1)"))] = ()
+  convention: Annotated[str, Key(
+      "ours: per cell, the BASELINES.md choice; `cell_eta` (code: GCNet, CPM-Net), "
+      "`sample_eta` (code: MAP, MPLMM), `mmdrop` (code: slp) are the field's, see "
+      "`docs/method.md`", choices=CONVENTIONS)] = "independent"
+  patterns: Annotated[str, Key(
+      "code: MPLMM `src/mosidata.py` draws one of all 6 missing patterns of 3 modalities; "
+      "for 2 modalities both settings are MAP's", choices=PATTERNS)] = "any"
 
 
 def _check(convention: str, rates, num_modalities: int, patterns: str) -> None:
@@ -152,9 +172,13 @@ def modality_dropout(model: ModelFns, rates: float | Sequence[float] = 0.3,
   return Method("dropout", init=lambda params: (), loss=loss)
 
 
-def from_config(config, model: ModelFns, dataset) -> Method:
-  from modalimmune_jax.config import ConfigError
-  d = config.method.dropout
+def _validate(d: Settings) -> None:
+  if len(d.rates) and d.convention != "independent":
+    raise ConfigError("config key 'method.dropout.rates' (one rate per modality) needs "
+                      "'method.dropout.convention' 'independent'; use 'method.dropout.rate'")
+
+
+def from_config(d: Settings, config, model: ModelFns, dataset) -> Method:
   if len(d.rates) not in (0, len(model.names)):
     raise ConfigError(f"config key 'method.dropout.rates' needs one rate per modality "
                       f"{model.names}, got {tuple(d.rates)}")
@@ -166,3 +190,11 @@ def from_config(config, model: ModelFns, dataset) -> Method:
   rates = tuple(d.rates) if len(d.rates) else d.rate
   return modality_dropout(model, rates, config.method.reconstruction_weight, d.convention,
                           d.patterns)
+
+
+SPEC = MethodSpec(
+    "dropout", from_config, Settings, validate=_validate,
+    # its rate, per cell (ours) and at the cell-eta convention (GCNet trains at the test
+    # rate; 0.5 is the middle of the evaluated etas)
+    search=({"method.dropout.rate": 0.3}, {"method.dropout.rate": 0.5},
+            {"method.dropout.convention": "cell_eta", "method.dropout.rate": 0.5}))

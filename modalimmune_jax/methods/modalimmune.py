@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,48 +50,107 @@ from modalimmune_jax import protocol, spectral
 from modalimmune_jax.curvature import curvature_mask
 from modalimmune_jax.hypergrad import GaussNewton, neumann_hypergrad
 from modalimmune_jax.masking import random_presence, remove_modalities
-from modalimmune_jax.methods.base import (Method, ModelFns, all_finite, global_batch_size,
-                                          local_rows, reconstruction_loss)
+from modalimmune_jax.methods.base import (Method, MethodSpec, ModelFns, all_finite,
+                                          global_batch_size, local_rows, reconstruction_loss)
 from modalimmune_jax.methods.plain import supervised_loss
+from modalimmune_jax.schema import Key
 
 __all__ = ["Settings", "ModalImmuneState", "HyperStats", "constrain", "unconstrain",
-           "hyper_batches", "bhgd_objectives", "modalimmune", "from_config"]
+           "hyper_batches", "bhgd_objectives", "modalimmune", "SPEC"]
+
+META = ("lambda", "kappa", "eta", "mu")
+INTERVENTIONS = ("collapse", "drop", "drop_cells")
+DROP_CELLS_MAX = 0.95  # the highest per-cell removal rate of "drop_cells"
 
 
 class Settings(NamedTuple):
-  """Every switch and setting of the method (``config.method.modalimmune``)."""
+  """Every switch and setting of the method (``config.method.modalimmune``).
+
+  METHOD.md defines the parts and their switches; it gives no values, so every
+  number is ours (most are initial values that BHGD then tunes: lambda, kappa,
+  eta and mu).
+  """
   # collapse regulariser and its initial meta-parameters
-  collapse: bool = True
-  collapse_weight: float = 0.1   # lambda
-  kappa: float = 0.9
-  eta: float = 0.05
-  reconstruction_weight: float = 1.0  # mu (used when the model has the generator)
+  collapse: Annotated[bool, Key(
+      "METHOD.md part 1: the collapse regulariser `lambda sum_m alpha_m R(z_m)` (off only "
+      "in the ablation)")] = True
+  collapse_weight: Annotated[float, Key(
+      "ours: the initial lambda under BHGD; the ablation found the regulariser too weak to "
+      "collapse anything near 0.1", within="(0, inf)")] = 0.1
+  kappa: Annotated[float, Key(
+      "ours: the tail starts beyond 90 % of the energy (initial value under BHGD)",
+      within="(0, 1)")] = 0.9
+  eta: Annotated[float, Key(
+      "ours: the tail boundary's softness, 5 % of the energy (initial value under BHGD)",
+      within="(0, inf)")] = 0.05
   # destructive interventions
-  interventions: bool = True
-  p_destroy: float = 0.3
-  intervention: str = "collapse"  # collapse | drop | drop_cells
+  interventions: Annotated[bool, Key(
+      "METHOD.md part 1: destructive interventions")] = True
+  p_destroy: Annotated[float, Key(
+      "ours: the intervention probability (per batch) or, for `drop_cells`, the mean "
+      "per-cell rate", within="[0, 1]")] = 0.3
+  intervention: Annotated[str, Key(
+      "METHOD.md part 1: \"replaced by a collapsed view, or dropped\"; `drop_cells` ours "
+      "(per-cell removal, added when per-batch drops never trained the keep-one patterns)",
+      choices=INTERVENTIONS)] = "collapse"
   # information-gain controller (off: uniform intensities)
-  controller: bool = True
-  ctrl_every: int = 10
-  ctrl_decay: float = 0.9
-  ctrl_tau: float = 0.1
-  ctrl_explore: float = 0.1
+  controller: Annotated[bool, Key(
+      "METHOD.md part 3: the information-gain controller")] = True
+  ctrl_every: Annotated[int, Key(
+      "ours: `T_ctrl`, every 10 steps for every data set (`common.modalimmune_periods`)",
+      within="(0, inf)")] = 10
+  ctrl_decay: Annotated[float, Key(
+      "ours: EMA of the information gains (about 10 controller updates of memory)",
+      within="[0, 1)")] = 0.9
+  ctrl_tau: Annotated[float, Key(
+      "ours: softmax temperature of the intensities", within="(0, inf)")] = 0.1
+  ctrl_explore: Annotated[float, Key(
+      "ours: exploration floor, every modality keeps at least 0.1 / M",
+      within="[0, 1]")] = 0.1
   # curvature-aware masking of the destructive gradient
-  curvature_mask: bool = True
-  mask_mode: str = "hard"
-  mask_quantile: float = 0.9
-  mask_beta: float = 1.0
-  mask_every: int = 10
-  mask_samples: int = 1
+  curvature_mask: Annotated[bool, Key(
+      "METHOD.md part 4: curvature-aware masking of the destructive update")] = True
+  mask_mode: Annotated[str, Key(
+      "ours: METHOD.md offers hard and soft masks; hard is its first",
+      choices=("hard", "soft"))] = "hard"
+  mask_quantile: Annotated[float, Key(
+      "ours: the top 10 % curvature coordinates of each leaf are protected",
+      within="[0, 1]")] = 0.9
+  mask_beta: Annotated[float, Key(
+      "ours: the soft mask's `1 / (1 + beta abs(h))` (soft mode only)")] = 1.0
+  mask_every: Annotated[int, Key(
+      "ours: `T_curv`, as `T_ctrl` (`common.modalimmune_periods`)", within="(0, inf)")] = 10
+  mask_samples: Annotated[int, Key(
+      "ours: one Rademacher probe per refresh; the EMA averages the probes over refreshes",
+      within="(0, inf)")] = 1
   # BHGD
-  bhgd: bool = True
-  hyper_every: int = 50
-  hyper_lr: float = 0.05
-  hyper_solver: str = "cg"
-  hyper_terms: int = 20
-  hyper_damping: float = 0.1
-  hyper_rel_tol: float = 0.5
-  seed: int = 0
+  bhgd: Annotated[bool, Key(
+      "METHOD.md part 5: meta-parameters tuned by certified hyper-gradient")] = True
+  hyper_every: Annotated[int, Key(
+      "ours: about 8-12 hyper-steps per run (`train.steps` 200, 600, 3000; "
+      "`common.modalimmune_periods`)", within="(0, inf)")] = 50
+  hyper_lr: Annotated[float, Key(
+      "ours: Adam on the unconstrained (log, logit) meta-parameters",
+      within="(0, inf)")] = 0.05
+  hyper_solver: Annotated[str, Key(
+      "METHOD.md part 5 (CG needs about sqrt(kappa) products where Neumann needs kappa; "
+      "the same certificate)", choices=("cg", "neumann"))] = "cg"
+  hyper_terms: Annotated[int, Key(
+      "ours: CG steps per solve", within="(0, inf)")] = 20
+  hyper_damping: Annotated[float, Key(
+      "ours: delta of `G + delta I`, the certificate's `mu`", within="(0, inf)")] = 0.1
+  hyper_rel_tol: Annotated[float, Key(
+      "ours: a step is applied only if `error_bound <= 0.5 norm(g)`, which makes it a proven "
+      "descent direction (any value below 1 does)", within="(0, inf)")] = 0.5
+  hyper_batch_size: Annotated[int, Key(
+      "ours: the fixed inner and outer batches; 32 for the pickle data sets, as their "
+      "training batch", within="(0, inf)")] = 64
+  hyper_removals: Annotated[str, Key(
+      "ours: the outer objective's fixed removals (every single modality removed), plus "
+      "`full`", choices=tuple(protocol.REMOVALS))] = "drop_one"
+  hyper_missing_rates: Annotated[tuple, Key(
+      "ours: plus random missing at 0.5 (independent-cell), the middle of the evaluated "
+      "rates", each=Key(within="[0, 1)"))] = (0.5,)
 
 
 class HyperStats(NamedTuple):
@@ -117,11 +176,6 @@ class ModalImmuneState(NamedTuple):
   hyper_opt_state: Any
   hyper: HyperStats
   hyper_data: Any
-
-
-META = ("lambda", "kappa", "eta", "mu")
-INTERVENTIONS = ("collapse", "drop", "drop_cells")
-DROP_CELLS_MAX = 0.95  # the highest per-cell removal rate of "drop_cells"
 
 
 def constrain(phi: dict) -> dict:
@@ -219,7 +273,8 @@ def bhgd_objectives(model: ModelFns, settings: Settings) -> tuple[GaussNewton, A
 
 
 def modalimmune(model: ModelFns, settings: Settings = Settings(),
-                hyper_data: tuple[dict, dict] | None = None) -> Method:
+                hyper_data: tuple[dict, dict] | None = None,
+                reconstruction_weight: float = 1.0, seed: int = 0) -> Method:
   """The ModalImmune training method.
 
   Args:
@@ -227,6 +282,8 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
     settings: switches and settings (:class:`Settings`).
     hyper_data: ``(train_batch, stacked_valid_batches)`` from
       :func:`hyper_batches`; needed when ``settings.bhgd``.
+    reconstruction_weight: the initial ``mu`` (the generator's loss weight).
+    seed: the curvature mask's probe seed.
 
   Returns:
     A :class:`~modalimmune_jax.methods.base.Method`.
@@ -238,7 +295,7 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
     raise ValueError("bhgd needs hyper_data (see hyper_batches)")
   names, m = model.names, len(model.names)
   hyper_opt = optax.adam(s.hyper_lr)
-  phi0 = unconstrain(s.collapse_weight, s.kappa, s.eta, s.reconstruction_weight)
+  phi0 = unconstrain(s.collapse_weight, s.kappa, s.eta, reconstruction_weight)
 
   def alpha_of(state):
     return (state.controller.alpha if s.controller
@@ -373,17 +430,38 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
   transforms = ()
   if s.curvature_mask:
     transforms = (curvature_mask(s.mask_mode, s.mask_quantile, s.mask_beta, s.mask_every,
-                                 s.mask_samples, seed=s.seed),)
+                                 s.mask_samples, seed=seed),)
   return Method("modalimmune", init=init, loss=loss, update=update, transforms=transforms,
                 split_destructive=s.curvature_mask and s.collapse, events=events,
                 objective=clean_objective, faults=faults)
 
 
-def from_config(config, model: ModelFns, dataset) -> Method:
-  c = config.method.modalimmune
-  fields = {k: c[k] for k in Settings._fields if k in c}
-  settings = Settings(**fields, reconstruction_weight=config.method.reconstruction_weight,
-                      seed=config.seed)
-  data = (hyper_batches(dataset, c.hyper_batch_size, config.seed, c.hyper_removals,
-                        tuple(c.hyper_missing_rates)) if settings.bhgd else None)
-  return modalimmune(model, settings, data)
+def from_config(s: Settings, config, model: ModelFns, dataset) -> Method:
+  data = (hyper_batches(dataset, s.hyper_batch_size, config.seed, s.hyper_removals,
+                        s.hyper_missing_rates) if s.bhgd else None)
+  return modalimmune(model, s, data, config.method.reconstruction_weight, config.seed)
+
+
+SPEC = MethodSpec(
+    "modalimmune", from_config, Settings,
+    about="METHOD.md defines the parts and their switches; it gives no values, so every "
+          "number\nis ours (most are initial values that BHGD then tunes: lambda, kappa, eta "
+          "and mu).\nWhat the parts do with them is in `experiments/README.md` (ablation, "
+          "training\ndynamics).",
+    # the intervention (kind and probability); its loss weights are tuned by BHGD
+    search=({"method.modalimmune.intervention": "drop", "method.modalimmune.p_destroy": 0.6},
+            {"method.modalimmune.intervention": "drop_cells",
+             "method.modalimmune.p_destroy": 0.3},
+            {"method.modalimmune.intervention": "drop_cells",
+             "method.modalimmune.p_destroy": 0.5}),
+    # each row switches one part off (a row is one config)
+    ablations={
+        "modalimmune": {},
+        "no controller (uniform alpha)": {"method.modalimmune.controller": False},
+        "no collapse regulariser": {"method.modalimmune.collapse": False},
+        "no interventions": {"method.modalimmune.interventions": False},
+        "no curvature mask": {"method.modalimmune.curvature_mask": False},
+        "no BHGD (fixed meta-parameters)": {"method.modalimmune.bhgd": False},
+        "no reconstruction generator": {"model.reconstruction": False},
+        "no property vectors": {"model.property_vectors": False},
+    })

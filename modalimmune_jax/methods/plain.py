@@ -3,9 +3,9 @@ has a generator). The trivial :class:`~modalimmune_jax.methods.base.Method`."""
 
 from __future__ import annotations
 
-from modalimmune_jax.methods.base import Method, ModelFns, reconstruction_loss
+from modalimmune_jax.methods.base import Method, MethodSpec, ModelFns, reconstruction_loss
 
-__all__ = ["plain", "from_config"]
+__all__ = ["plain", "supervised_loss", "SPEC"]
 
 
 def supervised_loss(model: ModelFns, params, batch, rng, reconstruction_weight,
@@ -38,5 +38,17 @@ def plain(model: ModelFns, reconstruction_weight: float = 1.0) -> Method:
   return Method("plain", init=lambda params: (), loss=loss)
 
 
-def from_config(config, model: ModelFns, dataset) -> Method:
+def from_config(settings, config, model: ModelFns, dataset) -> Method:
   return plain(model, config.method.reconstruction_weight)
+
+
+SPEC = MethodSpec(
+    "plain", from_config,
+    # plain's regularisation budget, so that it gets as many trials as every method
+    search=({"model.dropout": 0.0, "optim.weight_decay": 1e-4},
+            {"model.dropout": 0.1, "optim.weight_decay": 1e-3},
+            {"model.dropout": 0.3, "optim.weight_decay": 1e-2}),
+    search_docs={
+        "model.dropout": "ours: plain's regularisation budget (fusion/encoder dropout), so "
+                         "that plain gets the same number of trials as every method",
+        "optim.weight_decay": "ours: AdamW's decay, tuned with `model.dropout` (same reason)"})

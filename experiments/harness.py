@@ -1,0 +1,325 @@
+"""What every script under ``experiments/`` shares: config loading, the
+``--out`` default, logging, provenance of result files, run directories and
+the timing loop.
+
+A script starts with ``from harness import ...`` (Python puts a script's own
+folder on ``sys.path``); tests load scripts by path and call their ``main``.
+No script imports another script, ``tests/`` or a private name of the library.
+
+Example (a script's skeleton)::
+
+    from harness import get_config, log, parser, write_results
+
+    def main(argv=None) -> int:
+      args = parser(__doc__, "my_experiment").parse_args(argv)
+      config = get_config("mfeat", "smoke" if args.quick else "")
+      log("training ...")
+      record = {...}
+      write_results(args.out, "my_experiment", record, markdown_lines)
+      return 0
+
+    if __name__ == "__main__":
+      raise SystemExit(main())
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CONFIGS = os.path.join(HERE, "configs")
+RESULTS = os.path.join(HERE, "results")
+QUICK_RESULTS = os.path.join(ROOT, "runs", "quick")  # git-ignored
+
+__all__ = ["HERE", "ROOT", "CONFIGS", "RESULTS", "QUICK_RESULTS", "config_module",
+           "get_config", "run_config", "bench_config", "log", "default_out", "parser",
+           "find_runs", "write_results", "restore", "train_logs", "copy_tree",
+           "host_steps", "device_inputs", "Timed", "timed_steps", "step_rate", "time_calls", "loop_steps_per_s",
+           "alternate", "median_ms"]
+
+_T0 = time.perf_counter()
+
+
+# ----------------------------------------------------------------- configs ----
+
+def config_module(name: str):
+  """``experiments/configs/<name>.py`` as a module (loaded by path, as
+  ``--config=`` does)."""
+  path = os.path.join(CONFIGS, f"{name}.py")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such config")
+  spec = importlib.util.spec_from_file_location(f"experiment_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(name: str, variant: str = "", validate: bool = True,
+               overrides: dict | None = None):
+  """``experiments/configs/<name>.py``'s ``get_config(variant)`` with dotted
+  ``overrides`` (``{"method.name": "ebr"}``), validated unless ``validate`` is
+  false (a pickle data set's config has no data path)."""
+  from modalimmune_jax.config import validate_config, with_overrides
+  config = with_overrides(config_module(name).get_config(variant), overrides or {})
+  if validate:
+    validate_config(config)
+  return config
+
+
+def run_config(run_dir: str):
+  """The config a run of ``train_and_evaluate`` trained with (its
+  ``config.json``) over ``base_config()``: keys added since take their
+  defaults; JSON lists become tuples."""
+  from modalimmune_jax.config import base_config, flatten, with_overrides
+  with open(os.path.join(run_dir, "config.json")) as f:
+    saved = flatten(json.load(f))
+  return with_overrides(base_config(), {k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in saved.items()})
+
+
+def bench_config(config, steps: int, method: str):
+  """``config`` trained ``steps`` steps of ``method`` as a benchmark: no
+  checkpoints, no validation, only the ``full`` condition evaluated."""
+  from modalimmune_jax.config import with_overrides
+  return with_overrides(config, {
+      "method.name": method, "train.steps": steps,
+      "train.log_every": 50 if steps >= 200 else max(steps // 4, 1),
+      "train.eval_every": 0, "checkpoint.enabled": False, "eval.removals": "none",
+      "eval.missing_rates": (), "eval.snrs_db": (), "eval.frame_rates": ()})
+
+
+# ------------------------------------------------------ command line, output ----
+
+def log(message: str) -> None:
+  """A progress line on stderr: wall-clock time and seconds since the start."""
+  print(f"[{time.strftime('%H:%M:%S')} {time.perf_counter() - _T0:7.1f} s] {message}",
+        file=sys.stderr, flush=True)
+
+
+def default_out(name: str, quick: bool = False) -> str:
+  """``experiments/results/<name>``, where a script's committed results live;
+  ``runs/quick/<name>`` (git-ignored) for a ``--quick`` run, so that a smoke
+  run never overwrites a committed result."""
+  return os.path.join(QUICK_RESULTS if quick else RESULTS, name)
+
+
+class _Parser(argparse.ArgumentParser):
+  """Fills in ``--out`` once ``--quick`` is known. A ``--quick`` run also
+  turns XLA's backend optimisations off (for the backend not started yet, and
+  the subprocesses): compilation is most of a smoke run, its timings mean
+  nothing."""
+
+  def parse_args(self, args=None, namespace=None):
+    ns = super().parse_args(args, namespace)
+    quick = getattr(ns, "quick", False)
+    if ns.out is None:
+      ns.out = default_out(self.result_name, quick)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if quick and "--xla_backend_optimization_level" not in flags:
+      os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+    return ns
+
+
+def parser(description: str | None, name: str, quick: bool = True,
+           runs: bool = False) -> argparse.ArgumentParser:
+  """An argument parser with the shared flags: ``--out DIR`` (default
+  :func:`default_out`), with ``quick`` a ``--quick`` flag (the smallest
+  sizes, a couple of minutes at most), with ``runs`` the positional
+  ``RUN_DIR ...`` of the scripts that read run directories."""
+  p = _Parser(description=description,
+              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.result_name = name
+  if runs:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run directories, or directories to search recursively")
+  p.add_argument("--out", metavar="DIR", default=None,
+                 help=f"directory for the result files (default: experiments/results/{name}"
+                 + (f"; with --quick: runs/quick/{name}" if quick else "") + ")")
+  if quick:
+    p.add_argument("--quick", action="store_true",
+                   help="the smallest sizes (a smoke run: minutes at most)")
+  return p
+
+
+def find_runs(paths: Iterable[str], is_run: Callable[[str], bool]) -> list[str]:
+  """The directories among ``paths`` and below them (``checkpoints/`` skipped)
+  for which ``is_run(dir)`` holds, sorted, without repeats."""
+  runs = []
+  for path in paths:
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+      raise SystemExit(f"error: {path} is not a directory")
+    for root, dirs, _ in os.walk(path):
+      dirs[:] = sorted(d for d in dirs if d != "checkpoints")
+      if is_run(root):
+        runs.append(root)
+  return sorted(dict.fromkeys(runs))
+
+
+def write_results(out: str, name: str, record: dict, markdown: Sequence[str] = (),
+                  title: str | None = None, details: Sequence[str] = (),
+                  prov: dict | None = None, **provenance_fields) -> dict:
+  """Writes ``OUT/<name>.json`` (``record`` plus its provenance: command,
+  commit, machine and ``provenance_fields`` such as seeds, or ``prov`` made
+  before) and, given ``markdown`` lines, ``OUT/<name>.md`` headed by the same
+  provenance (``details`` join its machine line). Returns the provenance."""
+  from modalimmune_jax.provenance import markdown_lines, provenance
+  prov = prov or provenance(**provenance_fields)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"{name}.json"), "w") as f:
+    json.dump(dict(record, provenance=prov), f, indent=2, default=float)
+  if markdown:
+    head = [f"# {title}", ""] if title else []
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+      f.write("\n".join(head + markdown_lines(prov, *details) + [""] + list(markdown))
+              .rstrip("\n") + "\n")
+  log(f"wrote {os.path.join(out, name)}.json" + (" and .md" if markdown else ""))
+  return prov
+
+
+# ---------------------------------------------------------- run directories ----
+
+def restore(config, run_dir: str):
+  """``(setup, step, state)``: :func:`modalimmune_jax.train.setup` of ``config``
+  on one device and the newest good checkpoint of ``run_dir`` (None if none)."""
+  import jax
+  from modalimmune_jax import train
+  from modalimmune_jax.checkpoint import Checkpointer
+  run = train.setup(config, num_devices=1)
+  ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), config.checkpoint.max_to_keep)
+  try:
+    restored = ckpt.restore_latest(run.state, jax.random.key(0))
+  finally:
+    ckpt.close()
+  if restored is None:
+    return run, None, None
+  step, state, _, _ = restored
+  return run, step, state
+
+
+def train_logs(workdir: str) -> list[dict]:
+  """The train records of a run's ``metrics.jsonl`` (one per ``train.log_every``)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if '"split": "train"' in line]
+
+
+# ------------------------------------------------------------------ timing ----
+
+def copy_tree(tree):
+  """A copy of a train state (the step donates its input)."""
+  import jax
+  return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+
+
+def host_steps(run, state, rng, steps: Iterable[int], timed: bool = False):
+  """``run.step_fn`` over the step numbers ``steps`` on the training loop's
+  host batches, keys ``fold_in(rng, s)``: ``(state, metrics, seconds)``. With
+  ``timed`` each step is waited for and ``seconds`` lists their wall times
+  (the first call compiles); else ``seconds`` is empty."""
+  import jax
+  from modalimmune_jax.step import shard_batch
+  seconds, metrics = [], None
+  for s in steps:
+    t0 = time.perf_counter()
+    state, metrics = run.step_fn(state, shard_batch(run.batches(s), run.mesh),
+                                 jax.random.fold_in(rng, s))
+    if timed:
+      jax.block_until_ready((state, metrics))
+      seconds.append(time.perf_counter() - t0)
+  return jax.block_until_ready(state), metrics, seconds
+
+
+def device_inputs(run, steps: Iterable[int], rng) -> list[tuple]:
+  """``(batch, key)`` of each step number, already on the device."""
+  import jax
+  from modalimmune_jax.step import shard_batch
+  return jax.block_until_ready([(shard_batch(run.batches(s), run.mesh),
+                                 jax.random.fold_in(rng, s)) for s in steps])
+
+
+class Timed(NamedTuple):
+  seconds: float  # wall time of all the steps
+  cpu_seconds: float  # this process's CPU time over them
+  state: Any
+  metrics: Any
+
+
+def timed_steps(step_fn, state, inputs: Iterable[tuple]) -> Timed:
+  """The timing loop: ``step_fn(state, batch, key)`` over ``inputs`` (pairs,
+  usually already on the device), one ``block_until_ready`` at the end."""
+  import jax
+  t0, c0 = time.perf_counter(), time.process_time()
+  metrics = None
+  for batch, key in inputs:
+    state, metrics = step_fn(state, batch, key)
+  jax.block_until_ready((state, metrics))
+  return Timed(time.perf_counter() - t0, time.process_time() - c0, state, metrics)
+
+
+def step_rate(run, steps: int) -> float:
+  """Steps/s of ``run.step_fn`` on one batch already on the device (keys
+  ``fold_in(key(0), s)``), after a first, compiling step; from a copy of
+  ``run.state``."""
+  import jax
+  from modalimmune_jax.step import shard_batch
+  rng, batch = jax.random.key(0), shard_batch(run.batches(0), run.mesh)
+  state = timed_steps(run.step_fn, copy_tree(run.state), [(batch, rng)]).state
+  timed = timed_steps(run.step_fn, state,
+                      ((batch, jax.random.fold_in(rng, s)) for s in range(steps)))
+  return steps / timed.seconds
+
+
+def time_calls(fn, args: Sequence, calls: int = 1, repeats: int = 3) -> float:
+  """Median seconds per call of ``fn(*args)`` (called once first, to compile)
+  over ``repeats`` timings of ``calls`` calls each."""
+  import jax
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / calls)
+  return statistics.median(times)
+
+
+def loop_steps_per_s(config) -> float:
+  """Steps/s of ``train.train_and_evaluate(config)`` itself (in a scratch
+  directory), from its ``metrics.jsonl`` timestamps after the first record
+  (compilation excluded)."""
+  from modalimmune_jax import train
+  workdir = tempfile.mkdtemp(prefix="bench-loop-")
+  try:
+    train.train_and_evaluate(config, workdir)
+    logs = train_logs(workdir)
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  return (logs[-1]["step"] - logs[0]["step"]) / (logs[-1]["seconds"] - logs[0]["seconds"])
+
+
+def alternate(jobs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list]:
+  """Runs each job once per round, the order rotated every round (so that a
+  change of machine load hits every job alike); ``{name: [result per round]}``.
+  Each job runs its own timed repetitions and returns what it measured."""
+  names = list(jobs)
+  out = {n: [] for n in names}
+  for r in range(rounds):
+    for n in names[r % len(names):] + names[:r % len(names)]:
+      out[n].append(jobs[n]())
+  return out
+
+
+def median_ms(seconds: Sequence[float], per: int = 1) -> float:
+  """The median of ``seconds`` in milliseconds per one of ``per`` repetitions."""
+  return 1e3 * statistics.median(seconds) / per
