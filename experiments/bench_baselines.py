@@ -1,7 +1,8 @@
 """What each method's training step costs relative to plain, measured in one run.
 
     python experiments/bench_baselines.py [--data mfeat|synthetic] [--steps 100]
-        [--repeats 3] [--out results/bench_baselines.json]
+        [--repeats 3] [--out DIR]
+    python experiments/bench_baselines.py --quick    # smoke run: smoke config, W=5, R=1
 
 For each of the seven methods of ``experiments/baselines.sh`` (the config's
 defaults, ``method.name`` set), the data-parallel step of
@@ -21,38 +22,29 @@ windows. Ratios to plain are the figures to compare across machines.
 With ``W = 100`` ModalImmune's windows hold 2 hyper-steps and 10 controller
 and curvature-mask refreshes at the mfeat config's periods (amortised as in
 training).
+
+Writes ``OUT/bench_baselines[_DATA].{json,md}`` with provenance (``--out``,
+default ``experiments/results/bench_baselines``). ``--quick``: the config's
+``smoke`` variant (12 steps, a small model), ``W = 5``, ``R = 1``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import sys
-import time
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_methods import copy_tree, get_config, log  # noqa: E402
+from harness import (alternate, copy_tree, device_inputs, get_config, host_steps, log,
+                     parser, timed_steps, write_results)
+from modalimmune_jax import methods, train
 
-from modalimmune_jax import train  # noqa: E402
-from modalimmune_jax.config import validate_config  # noqa: E402
-from modalimmune_jax.provenance import markdown_lines, provenance  # noqa: E402
-from modalimmune_jax.step import shard_batch  # noqa: E402
-
-METHODS = ("plain", "dropout", "consistency", "ebr", "distill", "cmpt", "modalimmune")
-HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = methods.BUILTIN  # plain, dropout, consistency, ebr, distill, cmpt, modalimmune
 
 
 def bench(args):
-  configs = {}
-  for method in METHODS:
-    config = get_config(args.data)
-    config.method.name = method
-    validate_config(config)
-    configs[method] = config
+  configs = {m: get_config(args.data, args.variant, overrides={"method.name": m})
+             for m in METHODS}
   dataset = train.load_data(configs["plain"])
   total = configs["plain"].train.steps
   starts = (2, total // 2 + 2)
@@ -61,43 +53,29 @@ def bench(args):
   for method in METHODS:
     log(f"setup {method}")
     run = train.setup(configs[method], dataset=dataset)
-    state = run.state
-    t = []
-    for s in range(2):  # compile, then one untimed step
-      t0 = time.perf_counter()
-      state, metrics = run.step_fn(state, shard_batch(run.batches(s), run.mesh),
-                                   jax.random.fold_in(base_rng, s))
-      jax.block_until_ready((state, metrics))
-      t.append(time.perf_counter() - t0)
+    state, _, t = host_steps(run, run.state, base_rng, range(2), timed=True)  # compile, one more
     log(f"  first step {t[0]:.1f} s, second {t[1] * 1e3:.1f} ms")
     snapshots = {starts[0]: copy_tree(state)}
-    for s in range(starts[0], starts[1]):  # on to the second window, untimed
-      state, metrics = run.step_fn(state, shard_batch(run.batches(s), run.mesh),
-                                   jax.random.fold_in(base_rng, s))
-    snapshots[starts[1]] = copy_tree(jax.block_until_ready(state))
+    state, _, _ = host_steps(run, state, base_rng, range(*starts))  # to the second window
+    snapshots[starts[1]] = copy_tree(state)
     runs[method], states[method], first[method] = run, snapshots, t
 
   plain = runs["plain"]
   log(f"placing {args.steps} batches on the device")
-  batches = jax.block_until_ready([shard_batch(plain.batches(s), plain.mesh)
-                                   for s in range(2, args.steps + 2)])
-  keys = jax.block_until_ready([jax.random.fold_in(base_rng, s)
-                                for s in range(2, args.steps + 2)])
-  times = {(m, w): [] for m in METHODS for w in starts}
-  for r in range(args.repeats):
-    order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
-    for method in order:
-      step_fn = runs[method].step_fn
+  inputs = device_inputs(plain, range(2, args.steps + 2), base_rng)
+
+  def job(method):
+    def both_windows():
+      ms = []
       for start in starts:
         state = jax.block_until_ready(copy_tree(states[method][start]))
-        t0 = time.perf_counter()
-        for batch, key in zip(batches, keys):
-          state, metrics = step_fn(state, batch, key)
-        jax.block_until_ready((state, metrics))
-        times[method, start].append((time.perf_counter() - t0) / args.steps * 1e3)
-      log(f"round {r + 1}/{args.repeats} {method}: "
-          + ", ".join(f"{times[method, w][-1]:.2f}" for w in starts) + " ms/step")
+        ms.append(timed_steps(runs[method].step_fn, state, inputs).seconds / args.steps * 1e3)
+      log(f"{method}: " + ", ".join(f"{x:.2f}" for x in ms) + " ms/step")
+      return ms
+    return both_windows
 
+  rounds = alternate({m: job(m) for m in METHODS}, args.repeats)
+  times = {(m, w): [r[i] for r in rounds[m]] for m in METHODS for i, w in enumerate(starts)}
   rows = []
   for method in METHODS:
     halves = [statistics.median(times[method, w]) for w in starts]
@@ -130,28 +108,23 @@ def render(record):
   return "\n".join(out) + "\n"
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", default="mfeat", choices=("mfeat", "synthetic"))
-  parser.add_argument("--steps", type=int, default=100, help="W timed steps per window")
-  parser.add_argument("--repeats", type=int, default=3, help="R rounds")
-  parser.add_argument("--out", default=None, help="JSON path (results/bench_baselines"
-                      "[_DATA].json); the table goes next to it as .md")
-  args = parser.parse_args()
-  if args.out is None:
-    suffix = "" if args.data == "mfeat" else f"_{args.data}"
-    args.out = os.path.join(HERE, "results", f"bench_baselines{suffix}.json")
+def main(argv=None) -> int:
+  p = parser(__doc__, "bench_baselines")
+  p.add_argument("--data", default="mfeat", choices=("mfeat", "synthetic"))
+  p.add_argument("--steps", type=int, default=None, help="W timed steps per window (100)")
+  p.add_argument("--repeats", type=int, default=None, help="R rounds (3)")
+  args = p.parse_args(argv)
+  args.steps = args.steps or (5 if args.quick else 100)
+  args.repeats = args.repeats or (1 if args.quick else 3)
+  args.variant = "smoke" if args.quick else ""
   record = bench(args)
-  record["provenance"] = prov = provenance(seed=0)
   text = render(record)
   print("\n" + text)
-  head = [f"# bench_baselines ({record['setup']['data']})", "", *markdown_lines(prov), ""]
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=2, default=float)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write("\n".join(head) + "\n" + text)
+  name = "bench_baselines" + ("" if args.data == "mfeat" else f"_{args.data}")
+  write_results(args.out, name, record, text.splitlines(),
+                title=f"bench_baselines ({record['setup']['data']})", seed=0)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

@@ -1,8 +1,10 @@
 """Benchmark of the core library's costs, as ratios measured in one run.
 
-    python experiments/bench_core.py [--out results/bench_core.json]
+    python experiments/bench_core.py [--repeats 30] [--out DIR]
+    python experiments/bench_core.py --quick     # smoke run: 3 repeats, 10-step windows
 
-Prints (and writes as JSON with provenance):
+Prints (and writes with provenance to ``OUT/bench_core.{json,md}``, ``--out``
+default ``experiments/results/bench_core``):
   * one ``hvp`` / one gradient,
   * ``neumann_hypergrad`` with K terms / one ``hvp`` for K in (5, 10, 20, 50),
   * a training step with ``curvature_mask`` (refresh every 10) / without.
@@ -15,18 +17,15 @@ with two hyper-parameters (log L2 strength, log penalty weight).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from harness import log, parser, time_calls, write_results
 from modalimmune_jax import curvature, hypergrad, spectral
-from modalimmune_jax.provenance import provenance
 
 BATCH, D_IN, HIDDEN, CLASSES = 256, 64, 256, 10
 
@@ -69,38 +68,31 @@ def outer_loss(p, hp, x, y):
   return task_loss(p, x, y)
 
 
-def timeit(fn, *args, repeats=30):
-  jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="results/bench_core.json")
-  parser.add_argument("--repeats", type=int, default=30)
-  args = parser.parse_args()
+def main(argv=None) -> int:
+  p = parser(__doc__, "bench_core")
+  p.add_argument("--repeats", type=int, default=None, help="timed calls per median (30)")
+  args = p.parse_args(argv)
+  args.repeats = args.repeats or (3 if args.quick else 30)
+  window = 10 if args.quick else 100  # steps per timed window of the optimiser steps
 
   params, (x, y), (xv, yv) = make_problem()
   hp = {"log_l2": jnp.log(1e-4), "log_lambda": jnp.log(0.1)}
   loss = lambda p: inner_loss(p, hp, x, y)
   tangent = jax.tree.map(jnp.ones_like, params)
 
-  t_grad = timeit(jax.jit(jax.grad(loss)), params, repeats=args.repeats)
-  t_hvp = timeit(jax.jit(lambda p, v: curvature.hvp(loss, p, v)), params, tangent,
-                 repeats=args.repeats)
+  log("grad and hvp")
+  t_grad = time_calls(jax.jit(jax.grad(loss)), (params,), repeats=args.repeats)
+  t_hvp = time_calls(jax.jit(lambda p, v: curvature.hvp(loss, p, v)), (params, tangent),
+                     repeats=args.repeats)
   rows = [("hvp / grad", t_hvp / t_grad, "2-4 (forward-over-reverse)")]
 
   hyper = {}
   for k in (5, 10, 20, 50):
+    log(f"neumann_hypergrad K={k}")
     fn = jax.jit(lambda p, h, k=k: hypergrad.neumann_hypergrad(
         inner_loss, outer_loss, p, h, inner_args=(x, y), outer_args=(xv, yv),
         alpha=0.5, damping=1e-3, num_terms=k))
-    t = timeit(fn, params, hp, repeats=max(5, args.repeats // 3))
+    t = time_calls(fn, (params, hp), repeats=max(5, args.repeats // 3))
     hyper[k] = t / t_hvp
     rows.append((f"neumann_hypergrad K={k} / hvp", t / t_hvp, f"<= {k + 3}"))
 
@@ -113,7 +105,7 @@ def main():
       return optax.apply_updates(p, u), s
     return step
 
-  def time_steps(opt, masked, n=100):
+  def time_steps(opt, masked, n=window):
     step = make_step(opt, masked)
     p, s = params, opt.init(params)
     p, s = jax.block_until_ready(step(p, s))
@@ -127,33 +119,30 @@ def main():
       runs.append((time.perf_counter() - t0) / n)
     return min(runs)
 
+  log("plain and masked optimiser steps")
   t_plain = time_steps(optax.adam(1e-3), False)
   t_masked = time_steps(optax.chain(curvature.curvature_mask("hard", refresh_every=10),
                                     optax.adam(1e-3)), True)
   rows.append(("masked step / plain step (refresh 10)", t_masked / t_plain, "<= 1.3"))
 
-  print(f"\nCore costs on {jax.devices()[0].platform} ({os.cpu_count()} cores), "
-        f"MLP {D_IN}-{HIDDEN}-{HIDDEN}-{CLASSES}, batch {BATCH}\n")
-  print("| measurement | ratio | target |")
-  print("|---|---|---|")
-  for name, ratio, target in rows:
-    print(f"| {name} | {ratio:.2f} | {target} |")
-  print(f"\nabsolute: grad {t_grad * 1e3:.2f} ms, hvp {t_hvp * 1e3:.2f} ms, "
-        f"plain step {t_plain * 1e3:.2f} ms, masked step {t_masked * 1e3:.2f} ms")
-
+  lines = [f"Core costs on {jax.devices()[0].platform} ({os.cpu_count()} cores), "
+           f"MLP {D_IN}-{HIDDEN}-{HIDDEN}-{CLASSES}, batch {BATCH}", "",
+           "| measurement | ratio | target |", "|---|---|---|"]
+  lines += [f"| {name} | {ratio:.2f} | {target} |" for name, ratio, target in rows]
+  lines += ["", f"absolute: grad {t_grad * 1e3:.2f} ms, hvp {t_hvp * 1e3:.2f} ms, "
+            f"plain step {t_plain * 1e3:.2f} ms, masked step {t_masked * 1e3:.2f} ms"]
+  print("\n" + "\n".join(lines))
   record = {
       "ratios": {name: ratio for name, ratio, _ in rows},
       "seconds": {"grad": t_grad, "hvp": t_hvp, "plain_step": t_plain,
                   "masked_step": t_masked},
       "config": {"batch": BATCH, "d_in": D_IN, "hidden": HIDDEN, "classes": CLASSES,
-                 "repeats": args.repeats, "hyper_alpha": 0.5, "damping": 1e-3},
-      "provenance": provenance(seed=0),
+                 "repeats": args.repeats, "step_window": window, "hyper_alpha": 0.5,
+                 "damping": 1e-3, "quick": args.quick},
   }
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=2)
-  print(f"written {args.out}")
+  write_results(args.out, "bench_core", record, lines, title="Core costs", seed=0)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

@@ -1,8 +1,8 @@
 """What ModalImmune's parts cost in training, and Neumann against CG on the training model.
 
     python experiments/bench_methods.py [--data mfeat|synthetic] [--steps 200] [--repeats 3]
-        [--train-steps 200] [--threads 0] [--out results/bench_methods.json]
-    python experiments/bench_methods.py --quick      # smoke test: W=20, K=20, R=1
+        [--train-steps 200] [--threads 0] [--out DIR]
+    python experiments/bench_methods.py --quick      # smoke run: smoke config, W=5, K=5, R=1
 
 Measured in one run, on the config's model and data (``experiments/configs/mfeat.py``
 by default: 6 views, batch 64; ``--data synthetic``: ``configs/synthetic.py``),
@@ -46,23 +46,24 @@ local devices, Adam (the config's optimiser):
    ``hyper_rel_tol``; and the cost outside the solve (a 0-step CG call).
    ``--quick`` also lowers ``max_terms`` to 200 and times each call once.
 
+``--quick``: the config's ``smoke`` variant (a small model, every periodic part
+of ModalImmune within a few steps), ``W = K = 5``, ``R = 1``, one damping and
+one tolerance: a couple of minutes, for checking that the script runs.
+
 Step 1 compiles 7 training steps (about a minute each for ModalImmune on a
 2-core CPU).
 
-Prints markdown tables and writes them with provenance to ``--out`` (JSON) and
-the same path with ``.md``. ``--threads N`` pins the process to N CPUs (XLA's
+Prints markdown tables and writes them with provenance to
+``OUT/bench_methods[_DATA].{json,md}`` (``--out``, default
+``experiments/results/bench_methods``). ``--threads N`` pins the process to N CPUs (XLA's
 thread pool follows the affinity); 0 leaves the affinity alone.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import math
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -70,14 +71,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 
-from modalimmune_jax import train
-from modalimmune_jax.config import validate_config
+from harness import (alternate, copy_tree, device_inputs, get_config, host_steps, log,
+                     parser, timed_steps, write_results)
+from modalimmune_jax import methods, train
 from modalimmune_jax.hypergrad import POWER_ITERATIONS, neumann_hypergrad
 from modalimmune_jax.methods import modalimmune
-from modalimmune_jax.provenance import markdown_lines, provenance
-from modalimmune_jax.step import host_copy, shard_batch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from modalimmune_jax.step import host_copy
 
 IDLE_EVERY = 10 ** 9  # a hyper_every no run reaches: BHGD carried, never taken
 # (label, method name, config.method.modalimmune overrides)
@@ -92,34 +91,13 @@ VARIANTS = (
      {"interventions": False, "collapse": False}),
 )
 ALL_ON = VARIANTS[1][0]
-
-_T0 = time.perf_counter()
-
-
-def log(message):
-  print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
+LAST_METRICS = ("nonfinite", "hyper/applied", "hyper/rejected", "hyper/num_terms",
+                "hyper/error_bound", "hyper/grad_norm")
 
 
-def get_config(name, variant=""):
-  """``experiments/configs/<name>.py:get_config(variant)`` (as ``tests/helpers.py``)."""
-  path = os.path.join(ROOT, "experiments", "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
-def variant_config(data, method, overrides):
-  config = get_config(data)
-  config.method.name = method
-  for key, value in overrides.items():
-    config.method.modalimmune[key] = value
-  validate_config(config)
-  return config
-
-
-def copy_tree(tree):
-  return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+def variant_config(args, method, overrides):
+  return get_config(args.data, args.variant, overrides={
+      "method.name": method, **{f"method.modalimmune.{k}": v for k, v in overrides.items()}})
 
 
 def window_events(first_step, num_steps, mi):
@@ -136,58 +114,35 @@ def bench_steps(args, dataset):
   runs, states, first, last_metrics, fresh_plain = {}, {}, {}, {}, None
   base_rng = jax.random.key(0)
   for label, method, overrides in VARIANTS:
-    config = variant_config(args.data, method, overrides)
+    config = variant_config(args, method, overrides)
     log(f"setup {label.strip()}")
     run = train.setup(config, dataset=dataset)
     runs[label] = (config, run)
     if method == "plain":
       fresh_plain = copy_tree(run.state)  # the step donates its state
-    t = []
-    state = run.state
-    for s in range(2):  # compile, then one untimed step (a retrace would show here)
-      t0 = time.perf_counter()
-      state, metrics = run.step_fn(state, shard_batch(run.batches(s), run.mesh),
-                                   jax.random.fold_in(base_rng, s))
-      jax.block_until_ready((state, metrics))
-      t.append(time.perf_counter() - t0)
-    first[label] = t
-    states[label] = state
-    log(f"  first step {t[0]:.2f} s, second {t[1] * 1e3:.1f} ms")
+    # compile, then one untimed step (a retrace would show here)
+    states[label], _, first[label] = host_steps(run, run.state, base_rng, range(2), timed=True)
+    log(f"  first step {first[label][0]:.2f} s, second {first[label][1] * 1e3:.1f} ms")
 
-  mesh = runs[ALL_ON][1].mesh
-  batches_fn = runs[ALL_ON][1].batches
   log(f"placing {args.steps} batches on the device")
-  batches = jax.block_until_ready([shard_batch(batches_fn(s), mesh)
-                                   for s in range(2, args.steps + 2)])
-  keys = jax.block_until_ready([jax.random.fold_in(base_rng, s)
-                                for s in range(2, args.steps + 2)])
+  inputs = device_inputs(runs[ALL_ON][1], range(2, args.steps + 2), base_rng)
 
-  labels = [label for label, _, _ in VARIANTS]
-  times = {label: [] for label in labels}
+  def job(label):
+    def run_window():
+      timed = timed_steps(runs[label][1].step_fn, states[label], inputs)
+      states[label], last_metrics[label] = timed.state, timed.metrics
+      log(f"{label.strip()}: {timed.seconds / args.steps * 1e3:.2f} ms/step")
+      return timed.seconds / args.steps
+    return run_window
+
+  times = alternate({label: job(label) for label, _, _ in VARIANTS}, args.repeats)
   mi = runs[ALL_ON][0].method.modalimmune
   events = [window_events(2 + r * args.steps, args.steps, mi) for r in range(args.repeats)]
-  for r in range(args.repeats):
-    order = labels[r % len(labels):] + labels[:r % len(labels)]
-    for label in order:
-      step_fn = runs[label][1].step_fn
-      state = states[label]
-      jax.block_until_ready(state)
-      t0 = time.perf_counter()
-      for batch, key in zip(batches, keys):
-        state, metrics = step_fn(state, batch, key)
-      jax.block_until_ready((state, metrics))
-      dt = (time.perf_counter() - t0) / args.steps
-      states[label], last_metrics[label] = state, metrics
-      times[label].append(dt)
-      log(f"round {r + 1}/{args.repeats} {label.strip()}: {dt * 1e3:.2f} ms/step")
-
   plain_ms = statistics.median(times["plain"]) * 1e3
   rows = []
   for label, method, overrides in VARIANTS:
     ms = [t * 1e3 for t in times[label]]
-    m = {k: float(v) for k, v in host_copy(last_metrics[label]).items()
-         if k in ("nonfinite", "hyper/applied", "hyper/rejected", "hyper/num_terms",
-                  "hyper/error_bound", "hyper/grad_norm")}
+    m = {k: float(v) for k, v in host_copy(last_metrics[label]).items() if k in LAST_METRICS}
     rows.append({"config": label.strip(), "method": method, "overrides": overrides,
                  "first_step_s": first[label][0], "second_step_s": first[label][1],
                  "ms_per_step": statistics.median(ms),
@@ -217,11 +172,7 @@ def bench_steps(args, dataset):
 def train_plain(plain, state, num_steps):
   """``num_steps`` plain steps from ``state``, as the training loop takes them."""
   config, run = plain
-  base_rng = jax.random.key(config.seed)
-  for s in range(num_steps):
-    state, metrics = run.step_fn(state, shard_batch(run.batches(s), run.mesh),
-                                 jax.random.fold_in(base_rng, s))
-  jax.block_until_ready(state)
+  state, metrics, _ = host_steps(run, state, jax.random.key(config.seed), range(num_steps))
   return state, {k: float(v) for k, v in host_copy(metrics).items()}
 
 
@@ -231,8 +182,7 @@ def bench_hyper(args, plain, fresh_plain, all_on):
   log(f"training plain for {args.train_steps} steps")
   state, metrics = train_plain(plain, fresh_plain, args.train_steps)
   params = state.params
-  inner, outer = modalimmune.bhgd_objectives(run.model, modalimmune.Settings(
-      **{k: mi[k] for k in modalimmune.Settings._fields if k in mi}))
+  inner, outer = modalimmune.bhgd_objectives(run.model, methods.settings(config, "modalimmune"))
   ms = run.method.init(params)  # phi0, uniform intensities, the fixed BHGD batches
   phi, alpha = ms.phi, ms.controller.alpha
   train_b, val = ms.hyper_data
@@ -410,47 +360,43 @@ def render(record):
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", default="mfeat", choices=("mfeat", "synthetic"))
-  parser.add_argument("--steps", type=int, default=None, help="W timed steps per round (200)")
-  parser.add_argument("--repeats", type=int, default=None, help="R rounds (3)")
-  parser.add_argument("--train-steps", type=int, default=None,
-                      help="K plain steps before the hyper-gradient solves (200)")
-  parser.add_argument("--tols", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4],
-                      help="tolerances relative to the reference |hypergrad|")
-  parser.add_argument("--dampings", type=float, nargs="+", default=[0.1, 1.0])
-  parser.add_argument("--max-terms", type=int, default=None, help="(2000; --quick 200)")
-  parser.add_argument("--hyper-repeats", type=int, default=None,
-                      help="timed calls per solve, median (3; --quick 1)")
-  parser.add_argument("--threads", type=int, default=0,
-                      help="pin the process to this many CPUs (0: leave as is)")
-  parser.add_argument("--quick", action="store_true", help="W=20, K=20, R=1 (smoke test)")
-  parser.add_argument("--out", default=None,
-                      help="JSON path (results/bench_methods[_DATA][_quick].json); "
-                      "the table goes next to it as .md")
-  args = parser.parse_args(argv)
+  p = parser(__doc__, "bench_methods")
+  p.add_argument("--data", default="mfeat", choices=("mfeat", "synthetic"))
+  p.add_argument("--steps", type=int, default=None, help="W timed steps per round (200)")
+  p.add_argument("--repeats", type=int, default=None, help="R rounds (3)")
+  p.add_argument("--train-steps", type=int, default=None,
+                 help="K plain steps before the hyper-gradient solves (200)")
+  p.add_argument("--tols", type=float, nargs="+", default=None,
+                 help="tolerances relative to the reference |hypergrad| (1e-2 1e-3 1e-4)")
+  p.add_argument("--dampings", type=float, nargs="+", default=None, help="(0.1 1.0)")
+  p.add_argument("--max-terms", type=int, default=None, help="(2000; --quick 200)")
+  p.add_argument("--hyper-repeats", type=int, default=None,
+                 help="timed calls per solve, median (3; --quick 1)")
+  p.add_argument("--threads", type=int, default=0,
+                 help="pin the process to this many CPUs (0: leave as is)")
+  args = p.parse_args(argv)
   quick = args.quick
   pick = lambda value, full, small: value if value is not None else (small if quick else full)
-  args.steps = pick(args.steps, 200, 20)
+  args.steps = pick(args.steps, 200, 5)
   args.repeats = pick(args.repeats, 3, 1)
-  args.train_steps = pick(args.train_steps, 200, 20)
+  args.train_steps = pick(args.train_steps, 200, 5)
+  args.tols = pick(args.tols, [1e-2, 1e-3, 1e-4], [1e-2])
+  args.dampings = pick(args.dampings, [0.1, 1.0], [0.1])
   args.max_terms = pick(args.max_terms, 2000, 200)
   args.hyper_repeats = pick(args.hyper_repeats, 3, 1)
-  if args.out is None:
-    suffix = ("" if args.data == "mfeat" else f"_{args.data}") + ("_quick" if quick else "")
-    args.out = f"results/bench_methods{suffix}.json"
+  args.variant = "smoke" if quick else ""
   return args
 
 
-def main():
-  args = parse_args()
+def main(argv=None) -> int:
+  args = parse_args(argv)
   if args.threads:
     cpus = sorted(os.sched_getaffinity(0))[:args.threads]
     os.sched_setaffinity(0, cpus)  # before the XLA backend starts its thread pool
   log(f"{jax.devices()[0].platform}, {len(jax.devices())} device(s), "
       f"{len(os.sched_getaffinity(0))} CPUs; W={args.steps} R={args.repeats} "
       f"K={args.train_steps}")
-  dataset = train.load_data(get_config(args.data))
+  dataset = train.load_data(get_config(args.data, args.variant))
   steps, plain, fresh_plain, all_on = bench_steps(args, dataset)
   hyper = bench_hyper(args, plain, fresh_plain, all_on)
   record = {
@@ -463,19 +409,13 @@ def main():
                 "compilation_cache": jax.config.jax_compilation_cache_dir},
       "steps": steps, "hyper": hyper,
   }
-  record["provenance"] = provenance(seed=0)
   text = render(record)
   print("\n" + text)
-  prov = record["provenance"]
-  head = [f"# bench_methods ({dataset.name})", "", *markdown_lines(prov), ""]
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=2, default=float)
-  md = os.path.splitext(args.out)[0] + ".md"
-  with open(md, "w") as f:
-    f.write("\n".join(head) + "\n" + text)
-  print(f"written {args.out} and {md}")
+  name = "bench_methods" + ("" if args.data == "mfeat" else f"_{args.data}")
+  write_results(args.out, name, record, text.splitlines(),
+                title=f"bench_methods ({dataset.name})", seed=0)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

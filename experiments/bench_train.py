@@ -1,6 +1,7 @@
 """Training throughput: the loop against its step, seeds under vmap, compilation.
 
-    python experiments/bench_train.py [--steps 200] [--out experiments/results/bench_train]
+    python experiments/bench_train.py [--steps 200] [--methods plain,modalimmune] [--out DIR]
+    python experiments/bench_train.py --quick    # smoke run: plain only, 8 steps
 
 Workloads: mfeat (UCI Multiple Features, 6 vector views, batch 64) and
 MOSI-shaped synthetic data (3 sequence modalities of 50 frames, widths
@@ -25,89 +26,53 @@ and ``modalimmune`` (the configs' defaults). Measured in one run, per row:
   empty persistent compilation cache, then again with the cache it filled.
 
 Ratios are what to compare across machines; absolute figures depend on the
-machine and its load (the provenance is written beside them).
+machine and its load (the provenance is written beside them). Writes
+``OUT/bench_train.{json,md}`` (``--out``, default
+``experiments/results/bench_train``). ``--quick``: ``plain`` only (unless
+``--methods``), 8 steps per rate.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(HERE, "configs"))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-
-from modalimmune_jax import train  # noqa: E402
-from modalimmune_jax.config import with_overrides  # noqa: E402
-from modalimmune_jax.provenance import markdown_lines, provenance  # noqa: E402
-import numpy as np  # noqa: E402
-
-from modalimmune_jax.step import (host_copy, make_parallel_step, shard_batch,  # noqa: E402
-                                  stack_states)
+from harness import (ROOT, alternate, bench_config, copy_tree, get_config, log,
+                     loop_steps_per_s, parser, step_rate, timed_steps, write_results)
+from modalimmune_jax import train
+from modalimmune_jax.config import with_overrides
+from modalimmune_jax.step import host_copy, make_parallel_step, shard_batch, stack_states
 
 
 def workloads():
-  import mfeat
-  import synthetic
-  yield "mfeat", "experiments/configs/mfeat.py", {}, mfeat.get_config()
+  """``(name, --config argument, overrides, config)`` of each workload."""
+  yield "mfeat", "experiments/configs/mfeat.py", {}, get_config("mfeat")
   over = {"data.synthetic.num_samples": (1024, 64, 64)}
   yield ("MOSI-shaped", "experiments/configs/synthetic.py:mosi_shaped", over,
-         with_overrides(synthetic.get_config("mosi_shaped"), over))
-
-
-def quick(config, steps, method):
-  return with_overrides(config, {
-      "method.name": method, "train.steps": steps,
-      "train.log_every": 50 if steps >= 200 else max(steps // 4, 1),
-      "train.eval_every": 0, "checkpoint.enabled": False, "eval.removals": "none",
-      "eval.missing_rates": (), "eval.snrs_db": (), "eval.frame_rates": ()})
-
-
-def fresh(state):
-  return jax.tree.map(lambda x: x.copy(), state)  # the step donates its state
-
-
-def step_rate(run, steps):
-  state, rng = fresh(run.state), jax.random.key(0)
-  batch = shard_batch(run.batches(0), run.mesh)
-  state, m = run.step_fn(state, batch, rng)
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for s in range(steps):
-    state, m = run.step_fn(state, batch, jax.random.fold_in(rng, s))
-  jax.block_until_ready((state, m))
-  return steps / (time.perf_counter() - t0)
+         get_config("synthetic", "mosi_shaped", overrides=over))
 
 
 def old_loop_rate(run, steps):
   """The loop as it was: host batch, transfer, step, non-finite flag read back."""
-  state, rng = fresh(run.state), jax.random.key(0)
-  state, m = run.step_fn(state, shard_batch(run.batches(0), run.mesh), rng)
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for s in range(1, steps + 1):
-    state, m = run.step_fn(state, shard_batch(run.batches(s), run.mesh),
-                           jax.random.fold_in(rng, s))
+  rng = jax.random.key(0)
+  state = timed_steps(run.step_fn, copy_tree(run.state),
+                      [(shard_batch(run.batches(0), run.mesh), rng)]).state  # compile
+
+  def host_inputs():
+    for s in range(1, steps + 1):
+      yield shard_batch(run.batches(s), run.mesh), jax.random.fold_in(rng, s)
+
+  def step_fn(state, batch, key):
+    state, m = run.step_fn(state, batch, key)
     bool(host_copy(m["nonfinite"]) > 0)
-  jax.block_until_ready(state)
-  return steps / (time.perf_counter() - t0)
-
-
-def loop_rate(config, steps):
-  workdir = tempfile.mkdtemp(prefix="bench-loop-")
-  train.train_and_evaluate(config, workdir)
-  logs = [json.loads(ln) for ln in open(os.path.join(workdir, "metrics.jsonl"))
-          if '"split": "train"' in ln]
-  (s0, t0), (s1, t1) = ((logs[0]["step"], logs[0]["seconds"]),
-                        (logs[-1]["step"], logs[-1]["seconds"]))
-  return (s1 - s0) / (t1 - t0)
+    return state, m
+  return steps / timed_steps(step_fn, state, host_inputs()).seconds
 
 
 def vmap_rates(config, steps, seeds=4, rounds=3):
@@ -121,23 +86,22 @@ def vmap_rates(config, steps, seeds=4, rounds=3):
   batch = shard_batch(jax.tree.map(lambda *xs: np.stack(xs), *[r.batches(0) for r in runs]),
                       lead.mesh, seeds=True)
   keys = jax.numpy.stack([jax.random.key(s) for s in range(seeds)])
-  state1 = fresh(lead.state)
-  state = stack_states([fresh(r.state) for r in runs])
-  state1, m = lead.step_fn(state1, batch1, keys[0])
-  state, m = many(state, batch, keys)
-  jax.block_until_ready((state1, state))
-  rates = {"1": [], "many": []}
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    for s in range(steps):
-      state1, m = lead.step_fn(state1, batch1, jax.random.fold_in(keys[0], s))
-    jax.block_until_ready((state1, m))
-    rates["1"].append(steps * config.train.batch_size / (time.perf_counter() - t0))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, m = many(state, batch, keys)
-    jax.block_until_ready((state, m))
-    rates["many"].append(seeds * steps * config.train.batch_size / (time.perf_counter() - t0))
+  state = {"1": timed_steps(lead.step_fn, copy_tree(lead.state), [(batch1, keys[0])]).state,
+           "many": timed_steps(many, stack_states([copy_tree(r.state) for r in runs]),
+                               [(batch, keys)]).state}  # compiled
+  inputs = {"1": lambda: ((batch1, jax.random.fold_in(keys[0], s)) for s in range(steps)),
+            "many": lambda: ((batch, keys) for _ in range(steps))}
+  samples = {"1": steps * config.train.batch_size,
+             "many": seeds * steps * config.train.batch_size}
+
+  def job(name, step_fn):
+    def rate():
+      timed = timed_steps(step_fn, state[name], inputs[name]())
+      state[name] = timed.state
+      return samples[name] / timed.seconds
+    return rate
+
+  rates = alternate({"1": job("1", lead.step_fn), "many": job("many", many)}, rounds)
   return float(np.median(rates["1"])), float(np.median(rates["many"]))
 
 
@@ -161,25 +125,26 @@ def first_step_cold_warm(config_arg, overrides, method):
   return out
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=200)
-  parser.add_argument("--methods", default="plain,modalimmune")
-  parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_train"))
-  args = parser.parse_args()
+def main(argv=None) -> int:
+  p = parser(__doc__, "bench_train")
+  p.add_argument("--steps", type=int, default=None, help="timed steps per rate (200)")
+  p.add_argument("--methods", default=None, help="(plain,modalimmune; --quick: plain)")
+  args = p.parse_args(argv)
+  args.steps = args.steps or (8 if args.quick else 200)
+  args.methods = args.methods or ("plain" if args.quick else "plain,modalimmune")
   rows = []
   for name, config_arg, overrides, base in workloads():
     for method in args.methods.split(","):
-      config = quick(base, args.steps + 1, method)
-      print(f"[{name} / {method}] step ...", file=sys.stderr, flush=True)
+      config = bench_config(base, args.steps + 1, method)
+      log(f"[{name} / {method}] step ...")
       run = train.setup(config)
       step = step_rate(run, args.steps)
       old = old_loop_rate(run, args.steps)
-      print(f"[{name} / {method}] loop ...", file=sys.stderr, flush=True)
-      loop = loop_rate(config, args.steps)
-      print(f"[{name} / {method}] vmap ...", file=sys.stderr, flush=True)
+      log(f"[{name} / {method}] loop ...")
+      loop = loop_steps_per_s(config)
+      log(f"[{name} / {method}] vmap ...")
       one, four = vmap_rates(config, max(args.steps // 4, 10))
-      print(f"[{name} / {method}] first step ...", file=sys.stderr, flush=True)
+      log(f"[{name} / {method}] first step ...")
       cold, warm = first_step_cold_warm(config_arg, {k: (v if not isinstance(v, tuple) else
                                                          f"({','.join(map(str, v))},)")
                                                      for k, v in overrides.items()}, method)
@@ -189,11 +154,8 @@ def main():
                    "samples_per_s_1": one, "samples_per_s_4_vmapped": four,
                    "vmap_gain": four / one, "first_step_cold_s": cold,
                    "first_step_warm_s": warm})
-      print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-  prov = provenance(seed=0)
+      log(json.dumps(rows[-1]))
   lines = [
-      "# Training throughput", "",
-      *markdown_lines(prov, f"{jax.device_count()} device(s)"),
       f"- {args.steps} timed steps per rate, one run", "",
       "| workload | method | step/s (device batch) | loop step/s | loop / step | "
       "old loop / step | samples/s 1 seed | samples/s 4 vmapped | vmap gain | "
@@ -205,15 +167,12 @@ def main():
         f"{r['loop_over_step']:.2f} | {r['old_loop_over_step']:.2f} | "
         f"{r['samples_per_s_1']:.0f} | {r['samples_per_s_4_vmapped']:.0f} | "
         f"{r['vmap_gain']:.2f} | {r['first_step_cold_s']:.1f} | {r['first_step_warm_s']:.1f} |")
-  md = "\n".join(lines) + "\n"
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "bench_train.md"), "w") as f:
-    f.write(md)
-  with open(os.path.join(args.out, "bench_train.json"), "w") as f:
-    json.dump({"rows": rows, "steps": args.steps, "provenance": prov}, f, indent=2,
-              default=float)
-  print(md)
+  write_results(args.out, "bench_train", {"rows": rows, "steps": args.steps}, lines,
+                title="Training throughput", details=(f"{jax.device_count()} device(s)",),
+                seed=0)
+  print("\n".join(lines))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Collapse severity of each modality's embedding against robustness to its removal.
 
-    python experiments/collapse_vs_robustness.py RUN_DIR [RUN_DIR ...] --out=DIR
+    python experiments/collapse_vs_robustness.py RUN_DIR [RUN_DIR ...] [--out DIR]
 
 Each RUN_DIR is a work directory of ``train.train_and_evaluate`` (it holds
 ``results.json`` and ``checkpoints/``) or a directory searched recursively for
@@ -19,7 +19,8 @@ of a comparison. For each run and each modality ``m``:
   flipped, so in every case higher = more robust and 0 = removing ``m`` costs
   nothing.
 
-Writes into ``--out``: ``collapse_vs_robustness.json`` (every point and the
+Writes into ``--out`` (default ``experiments/results/collapse_vs_robustness``):
+``collapse_vs_robustness.json`` (every point and the
 Spearman correlations), ``collapse_vs_robustness.md`` (the table, the
 correlations over all points, per data set and per method, the provenance)
 and ``collapse_vs_robustness.png`` (scatter, colour = method, marker = data
@@ -31,21 +32,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-import run_dirs  # experiments/run_dirs.py, beside this script
-from modalimmune_jax import spectral
-from modalimmune_jax import train as train_lib
-from modalimmune_jax.checkpoint import Checkpointer
+from harness import find_runs, log, parser, restore, run_config, write_results
+from modalimmune_jax import spectral, train
 from modalimmune_jax.compare import removal_name
 from modalimmune_jax.metrics import compute_metrics
-from modalimmune_jax.provenance import markdown_lines, provenance
+from modalimmune_jax.provenance import provenance
 from modalimmune_jax.step import device_batch, host_copy
 
 LOWER_IS_BETTER = {"MAE"}
@@ -53,18 +50,9 @@ PAPER_RHO = 0.81
 MIN_GROUP = 4  # a per-data-set / per-method correlation needs this many points
 
 
-def log(msg: str) -> None:
-  print(f"[collapse_vs_robustness] {msg}", file=sys.stderr, flush=True)
-
-
 def is_run(path: str) -> bool:
   return (os.path.isfile(os.path.join(path, "results.json"))
           and os.path.isdir(os.path.join(path, "checkpoints")))
-
-
-def find_runs(paths) -> list[str]:
-  """The runs (``results.json`` and ``checkpoints/``) among ``paths`` and below them."""
-  return run_dirs.find_runs(paths, is_run)
 
 
 def removal_condition(protocol_dict: dict, names, m: str) -> str:
@@ -80,28 +68,22 @@ def embeddings(config, run_dir: str) -> tuple[dict[str, np.ndarray], int, tuple,
   """The encoders' output per modality over the evaluated split, from the
   newest checkpoint: ``({modality: (N, k) float64}, checkpoint step, names,
   metrics of the outputs under full)``; the metrics check that the checkpoint
-  reproduces ``results.json``."""
-  run = train_lib.setup(config, num_devices=1)
-  ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), config.checkpoint.max_to_keep)
-  try:
-    restored = ckpt.restore_latest(run.state, jax.random.key(0))
-  finally:
-    ckpt.close()
-  if restored is None:
+  reproduces ``results.json`` (the outputs as evaluation computes them, with
+  the method's ``predict_hook``, e.g. EBR's test-time fill)."""
+  run, step, state = restore(config, run_dir)
+  if state is None:
     raise RuntimeError("no checkpoint")
-  step, state, _, _ = restored
-  params = host_copy(state).params
-  @jax.jit
-  def forward(p, b):
-    out = run.model.apply(p, b, None, train=False)
-    return out["embeddings"], out["outputs"]
+  state = host_copy(state)
+  method_state = state.method_state if run.method.predict_hook else None
+  encode = jax.jit(lambda p, b: run.model.apply(p, b, None, train=False)["embeddings"])
+  predict = train.make_predict_fn(run.graphdef, run.method.predict_hook)
 
   split = run.dataset.splits[config.eval.split]
   zs, outs = [], []
   for idx in split.batch_indices(config.eval.batch_size):
-    z, out = forward(params, device_batch(split.batch(idx)))
-    zs.append(np.asarray(z))
-    outs.append(np.asarray(out))
+    batch = device_batch(split.batch(idx))
+    zs.append(np.asarray(encode(state.params, batch)))
+    outs.append(np.asarray(predict(state.params, batch, method_state)))
   z = np.concatenate(zs).astype(np.float64)  # (N, M, k)
   full = compute_metrics(run.dataset.task, np.concatenate(outs), split.labels)
   names = tuple(run.dataset.modality_names)
@@ -147,13 +129,11 @@ def _corr_row(label: str, c: dict) -> str:
   return f"| {label} | {_fmt(c['rho'])} | {_fmt(c['p'])} | {c['n']} |"
 
 
-def render(record: dict) -> str:
-  prov, s, metrics = record["provenance"], record["summary"], record["metrics"]
+def render(record: dict) -> list[str]:
+  """The markdown below the title and the provenance lines."""
+  s, metrics = record["summary"], record["metrics"]
   metric_text = ", ".join(sorted(set(metrics)))
   lines = [
-      "# Collapse severity vs robustness to removal",
-      "",
-      *markdown_lines(prov, prov["time_utc"]),
       f"- runs: {record['num_runs']} ({len(record['skipped'])} skipped), "
       f"points: {len(record['points'])}; metric: {metric_text}; evaluated split(s): "
       f"{', '.join(sorted({p['split'] for p in record['points']}))}",
@@ -201,8 +181,7 @@ def render(record: dict) -> str:
   if record["skipped"]:
     lines += ["", "## Skipped", ""]
     lines += [f"- {k['run']}: {k['reason']}" for k in record["skipped"]]
-  lines.append("")
-  return "\n".join(lines)
+  return lines
 
 
 def plot(record: dict, path: str) -> None:
@@ -240,12 +219,12 @@ def plot(record: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-  parser = run_dirs.parser(__doc__)
-  parser.add_argument("--metric", default=None,
-                      help="metric to use (default: each run's headline_metric)")
-  args = parser.parse_args(argv)
+  p = parser(__doc__, "collapse_vs_robustness", quick=False, runs=True)
+  p.add_argument("--metric", default=None,
+                 help="metric to use (default: each run's headline_metric)")
+  args = p.parse_args(argv)
 
-  runs = find_runs(args.runs)
+  runs = find_runs(args.runs, is_run)
   if not runs:
     raise SystemExit("error: no run directories (with results.json and checkpoints/) found")
   log(f"{len(runs)} run(s)")
@@ -257,8 +236,7 @@ def main(argv=None) -> int:
     try:
       with open(os.path.join(run_dir, "results.json")) as f:
         results = json.load(f)
-      with open(os.path.join(run_dir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+      config = run_config(run_dir)
       metric = args.metric or results["headline_metric"]
       rows = {r["condition"]: r for r in results["protocol"]["rows"]}
       if "full" not in rows or rows["full"].get(metric) is None:
@@ -313,20 +291,18 @@ def main(argv=None) -> int:
       "points": points,
       "summary": summarise(points),
       "skipped": skipped,
-      "provenance": provenance(),
   }
-  os.makedirs(args.out, exist_ok=True)
+  prov = provenance()
+  write_results(args.out, "collapse_vs_robustness", record, render(record),
+                title="Collapse severity vs robustness to removal",
+                details=(prov["time_utc"],), prov=prov)
   base = os.path.join(args.out, "collapse_vs_robustness")
-  with open(base + ".json", "w") as f:
-    json.dump(record, f, indent=2)
-  with open(base + ".md", "w") as f:
-    f.write(render(record))
   plot(record, base + ".png")
   c = record["summary"]["all"]
   log(f"{len(points)} point(s): Spearman rho = {_fmt(c['rho'])}, p = {_fmt(c['p'])}; "
-      f"wrote {base}.json, .md, .png")
+      f"wrote {base}.png")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  raise SystemExit(main())

@@ -43,9 +43,9 @@ QUICK_RESULTS = os.path.join(ROOT, "runs", "quick")  # git-ignored
 
 __all__ = ["HERE", "ROOT", "CONFIGS", "RESULTS", "QUICK_RESULTS", "config_module",
            "get_config", "run_config", "bench_config", "log", "default_out", "parser",
-           "find_runs", "write_results", "restore", "train_logs", "copy_tree",
-           "host_steps", "device_inputs", "Timed", "timed_steps", "step_rate", "time_calls", "loop_steps_per_s",
-           "alternate", "median_ms"]
+           "find_runs", "write_results", "restore", "train_logs", "copy_tree", "host_steps",
+           "device_inputs", "Timed", "timed_steps", "step_rate", "time_calls",
+           "loop_steps_per_s", "alternate"]
 
 _T0 = time.perf_counter()
 
@@ -319,7 +319,3 @@ def alternate(jobs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list
       out[n].append(jobs[n]())
   return out
 
-
-def median_ms(seconds: Sequence[float], per: int = 1) -> float:
-  """The median of ``seconds`` in milliseconds per one of ``per`` repetitions."""
-  return 1e3 * statistics.median(seconds) / per

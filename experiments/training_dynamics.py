@@ -1,6 +1,6 @@
 """Training dynamics of ModalImmune runs: controller, information gains, collapse, BHGD.
 
-    python experiments/training_dynamics.py RUN_DIR [RUN_DIR ...] --out=DIR
+    python experiments/training_dynamics.py RUN_DIR [RUN_DIR ...] [--out DIR]
 
 Each RUN_DIR is a work directory of ``train.train_and_evaluate`` (it holds
 ``metrics.jsonl``) or a directory searched recursively for such runs; runs of
@@ -20,7 +20,9 @@ After a resume (an ``{"event": "resume"}`` line) the records before it with a
 larger step are dropped, since the run repeated those steps. Also writes
 ``training_dynamics.md``: per run the final alpha, the modality with the
 largest mean information gain, the meta-parameters start -> end, the
-hyper-steps applied / rejected, and the provenance.
+hyper-steps applied / rejected, and the provenance; and
+``training_dynamics.json``: the same per run, with the provenance. Into
+``--out`` (default ``experiments/results/training_dynamics``).
 """
 
 from __future__ import annotations
@@ -28,21 +30,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 
-import run_dirs  # experiments/run_dirs.py, beside this script
-from modalimmune_jax.provenance import markdown_lines, provenance
+from harness import find_runs, log, parser, write_results
+from modalimmune_jax.provenance import provenance
 
 META = ("lambda", "kappa", "eta", "mu")
 
 
-def log(msg: str) -> None:
-  print(f"[training_dynamics] {msg}", file=sys.stderr, flush=True)
-
-
-def find_runs(paths) -> list[str]:
-  """Directories among ``paths`` and below them holding ``metrics.jsonl``."""
-  return run_dirs.find_runs(paths, lambda d: os.path.isfile(os.path.join(d, "metrics.jsonl")))
+def has_metrics(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "metrics.jsonl"))
 
 
 def labels_of(runs: list[str]) -> dict[str, str]:
@@ -210,12 +206,9 @@ def _num(x) -> str:
   return "n/a" if x is None else f"{x:.4g}"
 
 
-def render(rows: list[dict], skipped: list[dict], prov: dict) -> str:
+def render(rows: list[dict], skipped: list[dict]) -> list[str]:
+  """The markdown below the title and the provenance lines."""
   lines = [
-      "# ModalImmune training dynamics",
-      "",
-      *markdown_lines(prov, prov["time_utc"]),
-      "",
       "From each run's `metrics.jsonl` (train logs every `train.log_every` steps, "
       "`hypergrad` events). Final alpha: the last train log; top IG: the modality with the "
       "largest mean of `ig/<m>` over the train logs; meta-parameters: value before the "
@@ -243,15 +236,13 @@ def render(rows: list[dict], skipped: list[dict], prov: dict) -> str:
                  + " | ".join(meta) + f" | {hyper} | `{os.path.basename(r['png'])}` |")
   if skipped:
     lines += ["", "Skipped:", ""] + [f"- {k['run']}: {k['reason']}" for k in skipped]
-  lines.append("")
-  return "\n".join(lines)
+  return lines
 
 
 def main(argv=None) -> int:
-  parser = run_dirs.parser(__doc__)
-  args = parser.parse_args(argv)
+  args = parser(__doc__, "training_dynamics", quick=False, runs=True).parse_args(argv)
 
-  runs = find_runs(args.runs)
+  runs = find_runs(args.runs, has_metrics)
   if not runs:
     raise SystemExit("error: no run directories (with metrics.jsonl) found")
   labels = labels_of(runs)
@@ -276,12 +267,13 @@ def main(argv=None) -> int:
                  "resumes": resumes})
     log(f"[{i}/{len(runs)}] {label}: {len(train)} train logs, {len(events)} hyper-steps "
         f"({s['hyper_applied']} applied), {resumes} resume(s) -> {png}")
-  path = os.path.join(args.out, "training_dynamics.md")
-  with open(path, "w") as f:
-    f.write(render(rows, skipped, provenance()))
-  log(f"{len(rows)} ModalImmune run(s), {len(skipped)} skipped; wrote {path}")
+  prov = provenance()
+  write_results(args.out, "training_dynamics", {"runs": rows, "skipped": skipped},
+                render(rows, skipped), title="ModalImmune training dynamics",
+                details=(prov["time_utc"],), prov=prov)
+  log(f"{len(rows)} ModalImmune run(s), {len(skipped)} skipped")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  raise SystemExit(main())

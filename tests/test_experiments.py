@@ -1,0 +1,192 @@
+"""Every script under ``experiments/`` runs, so a broken script fails here.
+
+* ``--help`` of every script, in-process (its module and every library name it
+  imports at the top load; a syntax error or a removed name fails);
+* a static check of each script's source: no import from ``tests/`` or from
+  another script (only ``harness``), no ``sys.argv`` / ``sys.path``, no
+  assignment to a library module's attributes (no patching), and every
+  ``module.name`` it uses on a library module exists (``compare.SEARCH``, gone,
+  would fail);
+* a real run, into ``tmp_path``, of the scripts whose smallest mode takes
+  seconds: ``training_dynamics`` on a written ``metrics.jsonl``,
+  ``collapse_vs_robustness`` and ``ebr_without_fill`` on a 2-step EBR run,
+  ``loop_vs_step --quick`` (the harness's timing loop); each result file
+  carries its provenance. The other scripts' ``--quick`` runs take minutes
+  (compilation) and are run by hand (``experiments/README.md`` lists them).
+
+    python -m pytest -q -n 0 tests/test_experiments.py
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import importlib
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.helpers import ROOT, load_script
+
+EXPERIMENTS = os.path.join(ROOT, "experiments")
+SCRIPTS = ("bench_baselines", "bench_core", "bench_methods", "bench_train",
+           "collapse_vs_robustness", "ebr_variants", "ebr_without_fill", "fault_injection",
+           "loop_vs_step", "methods_table", "profile_step", "soak", "training_dynamics")
+
+
+def source(name: str) -> ast.Module:
+  path = os.path.join(EXPERIMENTS, f"{name}.py")
+  with open(path) as f:
+    return ast.parse(f.read(), path)
+
+
+def assert_results(out, name: str, markdown: bool = True) -> dict:
+  """``OUT/<name>.json`` (and ``.md``) exist and carry the provenance."""
+  with open(os.path.join(out, f"{name}.json")) as f:
+    record = json.load(f)
+  prov = record["provenance"]
+  assert prov["command"] and "commit" in prov and prov["machine"]["cpu_count"], prov
+  if markdown:
+    with open(os.path.join(out, f"{name}.md")) as f:
+      text = f.read()
+    assert "- command: `" in text and "- commit: " in text and "- machine: " in text
+  return record
+
+
+def test_every_script_is_smoke_tested():
+  found = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(EXPERIMENTS, "*.py"))}
+  assert found - {"harness"} == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help(name, capsys):
+  module = load_script(name)
+  with pytest.raises(SystemExit) as stop:
+    module.main(["--help"])
+  assert stop.value.code == 0
+  assert capsys.readouterr().out.startswith("usage:")
+
+
+def library_modules(tree: ast.Module) -> dict[str, object]:
+  """``{local name: module}`` of the library modules a script imports."""
+  out = {}
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for a in node.names:
+        if a.name.startswith("modalimmune_jax") and a.asname:
+          out[a.asname] = importlib.import_module(a.name)
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("modalimmune_jax"):
+      for a in node.names:
+        try:
+          out[a.asname or a.name] = importlib.import_module(f"{node.module}.{a.name}")
+        except ModuleNotFoundError:
+          pass  # a name, not a module (checked by the import itself)
+  return out
+
+
+@pytest.mark.parametrize("name", SCRIPTS + ("harness",))
+def test_script_rules(name):
+  tree = source(name)
+  harness = load_script("harness")
+  modules = library_modules(tree)
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+      names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+      for imported in names:
+        assert imported.split(".")[0] not in ("tests", *SCRIPTS), (
+            f"{name}.py imports {imported}: only harness and the library")
+      if isinstance(node, ast.ImportFrom) and node.module == "harness":
+        missing = [a.name for a in node.names if not hasattr(harness, a.name)]
+        assert not missing, f"{name}.py: harness has no {missing}"
+    elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+      owner = node.value.id
+      assert (owner, node.attr) not in (("sys", "argv"), ("sys", "path")), (
+          f"{name}.py:{node.lineno} uses sys.{node.attr}: use harness.parser / harness")
+      if owner in modules:
+        assert not isinstance(node.ctx, ast.Store), (
+            f"{name}.py:{node.lineno} assigns {owner}.{node.attr}: no patching of the library")
+        assert hasattr(modules[owner], node.attr), (
+            f"{name}.py:{node.lineno}: {modules[owner].__name__}.{node.attr} does not exist")
+
+
+def test_baselines_sh():
+  path = os.path.join(EXPERIMENTS, "baselines.sh")
+  subprocess.run(["bash", "-n", path], check=True)
+  out = subprocess.run(["bash", path, "--help"], check=True, capture_output=True, text=True)
+  assert "--out" in out.stdout
+
+
+# ------------------------------------------------------------- real runs ----
+
+def write_jsonl(path, records):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_training_dynamics(tmp_path):
+  runs, out = tmp_path / "runs", tmp_path / "out"
+  meta = lambda x: {f"meta/{k}": x for k in ("lambda", "kappa", "eta", "mu")}
+  logs = [{"split": "train", "step": s, "alpha/text": 0.5 + 0.01 * s, "alpha/audio": 0.5,
+           "ig/text": 0.1, "ig/audio": 0.2, "collapse/text": 0.1, **meta(1.0 + s)}
+          for s in (4, 8, 12)]
+  events = [{"event": "hypergrad", "step": 8, "applied": True, "certified": True,
+             "before": {"mu": 1.0}, "after": {"mu": 1.5}},
+            {"event": "resume", "step": 8}]
+  write_jsonl(str(runs / "modalimmune" / "seed0" / "metrics.jsonl"), logs[:2] + events + logs[1:])
+  (runs / "modalimmune" / "seed0" / "results.json").write_text('{"method": "modalimmune"}')
+  write_jsonl(str(runs / "plain" / "seed0" / "metrics.jsonl"), logs)
+  (runs / "plain" / "seed0" / "results.json").write_text('{"method": "plain"}')
+
+  script = load_script("training_dynamics")
+  assert script.main([str(runs), "--out", str(out)]) == 0
+  record = assert_results(out, "training_dynamics")
+  (run,) = record["runs"]
+  assert run["summary"]["hyper_applied"] == 1 and run["resumes"] == 1
+  assert len(record["skipped"]) == 1
+  assert os.path.isfile(run["png"])
+
+
+@pytest.fixture(scope="module")
+def ebr_runs(tmp_path_factory):
+  """A ``compare`` method directory with one 2-step EBR run (synthetic smoke)."""
+  from modalimmune_jax import train
+  harness = load_script("harness")
+  config = harness.get_config("synthetic", "smoke", overrides={
+      "method.name": "ebr", "train.steps": 2, "train.log_every": 1, "checkpoint.every": 2,
+      "eval.removals": "drop_one", "eval.missing_rates": (), "eval.snrs_db": ()})
+  root = tmp_path_factory.mktemp("ebr")
+  train.train_and_evaluate(config, str(root / "seed0"))
+  return root
+
+
+@pytest.mark.slow
+def test_collapse_vs_robustness(ebr_runs, tmp_path):
+  script = load_script("collapse_vs_robustness")
+  assert script.main([str(ebr_runs), "--out", str(tmp_path)]) == 0
+  record = assert_results(tmp_path, "collapse_vs_robustness")
+  assert not record["skipped"] and len(record["points"]) == 3  # one per modality
+  assert all(p["reproduced"] for p in record["points"])
+  assert os.path.isfile(tmp_path / "collapse_vs_robustness.png")
+
+
+@pytest.mark.slow
+def test_ebr_without_fill(ebr_runs, tmp_path):
+  script = load_script("ebr_without_fill")
+  out = tmp_path / "out"
+  assert script.main([str(ebr_runs), "--seeds", "0", "--workdir", str(tmp_path / "work"),
+                      "--out", str(out)]) == 0
+  record = assert_results(out, "ebr_without_fill")
+  full = record["accuracy"]["full"]
+  assert full["with_fill"] == full["without_fill"]  # nothing missing: the fill is unused
+
+
+@pytest.mark.slow
+def test_loop_vs_step_quick(tmp_path):
+  """The harness's timing loop, ``--quick`` and ``bench_config`` in one short run."""
+  script = load_script("loop_vs_step")
+  assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+  record = assert_results(tmp_path, "loop_vs_step", markdown=False)
+  assert record["steps"] == 8 and record["loop_per_s"] > 0 and record["step_per_s"] > 0
