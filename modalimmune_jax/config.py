@@ -24,7 +24,7 @@ from modalimmune_jax.schema import FREE_FORM, ConfigError, Key, flatten, with_ov
 
 __all__ = ["base_config", "validate_config", "with_overrides", "ConfigError", "flatten",
            "differences", "trained_differences", "unused_sections", "RUN_INDEPENDENT",
-           "LOGGING_ONLY", "RULES", "FREE_FORM"]
+           "LOGGING_ONLY", "ADDED", "RULES", "FREE_FORM"]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 1000
   c.train.batch_size = 64        # global batch, split across devices
   c.train.regression_loss = "l1"  # l1 | mse
+  # the model's compute dtype; parameters and optimiser state stay float32, and so do
+  # losses, spectra, eigendecompositions, hyper-gradient solves and certificates
+  c.train.compute_dtype = "float32"  # float32 | bfloat16
   c.train.log_every = 50
   c.train.tensorboard = True     # TensorBoard event files beside metrics.jsonl (in WORKDIR)
   c.train.eval_every = 250       # validation loss/metrics; 0 = only at the end
@@ -150,16 +153,24 @@ def unused_sections(method_name: str | None) -> tuple[str, ...]:
   return tuple(f"method.{name}." for name in methods.names() if name != method_name)
 
 
+# Keys added to the schema after runs were made with it, each with the value that
+# reproduces what those runs did: a config that lacks the key had that value.
+ADDED = {"train.compute_dtype": "float32",      # mixed precision came later
+         "method.modalimmune.hyper_tol": 0.0}  # BHGD always took hyper_terms terms
+
+
 def differences(old: dict, new: ml_collections.ConfigDict,
                 ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
   """``(key, old value, new value)`` for every key that differs, ``"<absent>"``
-  for a missing one, skipping keys that start with ``ignore`` and the other
-  methods' sections (:func:`unused_sections` of the new ``method.name``; a
-  change of ``method.name`` itself is listed).
+  for a missing one (a key of :data:`ADDED` that ``old`` lacks has its value
+  there), skipping keys that start with ``ignore`` and the other methods'
+  sections (:func:`unused_sections` of the new ``method.name``; a change of
+  ``method.name`` itself is listed).
 
   ``old`` is the JSON of the config a work directory was made with.
   """
   a, b = flatten(old), flatten(json.loads(new.to_json_best_effort()))
+  a = {**{k: v for k, v in ADDED.items() if k.split(".")[0] in old}, **a}
   ignore = tuple(ignore) + unused_sections(b.get("method.name"))
   out = []
   for key in sorted(set(a) | set(b)):
@@ -193,6 +204,7 @@ RULES: dict[str, Key] = {
     "train.steps": _POSITIVE, "train.batch_size": _POSITIVE, "train.max_nonfinite": _POSITIVE,
     "train.steps_per_dispatch": _POSITIVE,
     "train.regression_loss": Key(choices=("l1", "mse")),
+    "train.compute_dtype": Key(choices=("float32", "bfloat16")),
     "train.on_nonfinite": Key(choices=("skip", "stop")),
     "train.device_data": Key(choices=("auto", "device", "host")),
     "train.seeds": Key(each=Key(integer=True, within="[0, inf)")),

@@ -31,6 +31,8 @@ __all__ = [
     "hutchinson_diagonal",
     "CurvatureMaskState",
     "curvature_mask",
+    "refresh_state",
+    "refresh_masks",
 ]
 
 PyTree = Any
@@ -142,18 +144,23 @@ class CurvatureMaskState(NamedTuple):
   scale: optax.Updates
 
 
-def _order_statistic(x: jax.Array, j: int) -> jax.Array:
-  """The ``j``-th smallest entry of the 1-D ``x`` (0-based), by ``lax.top_k``.
+def _order_statistic(a: jax.Array, j: int) -> jax.Array:
+  """The ``j``-th smallest entry (0-based) of the non-negative ``a``, exactly,
+  by bisection on its float32 bit patterns (for non-negative floats their
+  order is that of the values): 31 counting passes, no sort. On CPU it took
+  half the time of ``lax.top_k`` over a model's leaves, which XLA may also turn
+  into a full sort."""
+  bits = jax.lax.bitcast_convert_type(a.ravel().astype(jnp.float32), jnp.int32)
 
-  Takes the top-k from whichever end is nearer, so for ``q = 0.9`` it touches
-  10 % of the entries. The ``min`` of the top-k values, not ``[-1]``: XLA turns
-  a top-k followed by that slice into a full sort (65k entries on CPU: 15 ms
-  against 3 ms).
-  """
-  n = x.size
-  if n - j <= j + 1:
-    return jnp.min(jax.lax.top_k(x, n - j)[0])  # the (n - j)-th largest
-  return -jnp.min(jax.lax.top_k(-x, j + 1)[0])  # the (j + 1)-th smallest
+  def halve(_, bounds):
+    lo, hi = bounds  # the answer's bit pattern lies in [lo, hi]
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits <= mid) >= j + 1
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  top = jnp.int32(0x7F800000)  # +inf
+  _, hi = jax.lax.fori_loop(0, 31, halve, (jnp.int32(0), top))
+  return jax.lax.bitcast_convert_type(hi, jnp.float32).astype(a.dtype)
 
 
 def _leaf_scale(h: jax.Array, mode: str, quantile: float,
@@ -164,8 +171,40 @@ def _leaf_scale(h: jax.Array, mode: str, quantile: float,
     # |h| <= s_j, the j-th smallest, j = floor(q (n - 1)): the interpolated
     # quantile lies in [s_j, s_{j+1}).
     j = int(np.floor(quantile * (a.size - 1)))
-    return (a <= _order_statistic(a.ravel(), j)).astype(h.dtype)
+    return (a <= _order_statistic(a, j)).astype(h.dtype)
   return (1.0 / (1.0 + beta * a)).astype(h.dtype)
+
+
+def refresh_state(state: CurvatureMaskState, params, obj_fn: Callable, *, mode: str = "hard",
+                  quantile: float = 0.9, beta: float = 1.0, num_samples: int = 1,
+                  ema_decay: float = 0.9) -> CurvatureMaskState:
+  """One curvature refresh of a :func:`curvature_mask` state: a Hutchinson
+  estimate of ``obj_fn``'s diagonal at ``params`` into the EMA, and the mask
+  recomputed from it (the settings are the transformation's)."""
+  key, sub = jax.random.split(state.key)
+  h = hutchinson_diagonal(obj_fn, params, sub, num_samples)
+  n = state.num_refreshes + 1
+  ema = jax.tree.map(lambda e, x: ema_decay * e + (1.0 - ema_decay) * x, state.diag_ema, h)
+  debias = 1.0 - ema_decay ** n.astype(jnp.float32)
+  scale = jax.tree.map(lambda e: _leaf_scale(e / debias.astype(e.dtype), mode, quantile, beta),
+                       ema)
+  return state._replace(key=key, num_refreshes=n, diag_ema=ema, scale=scale)
+
+
+def refresh_masks(opt_state, params, obj_fn: Callable, **settings):
+  """``opt_state`` (any optax state, a chain's say) with every
+  :class:`CurvatureMaskState` in it refreshed (:func:`refresh_state` with
+  ``settings``): the refresh of a ``curvature_mask(refresh_every=0)``, which
+  the caller runs when it chooses, e.g. as its own compiled program.
+
+  Example:
+    >>> opt = optax.chain(curvature_mask(refresh_every=0), optax.adam(1e-3))
+    >>> state = refresh_masks(state, params, loss)        # every 10 steps, say
+    >>> updates, state = opt.update(grads, state, params, obj_fn=loss)
+  """
+  is_mask = lambda x: isinstance(x, CurvatureMaskState)
+  return jax.tree.map(lambda x: refresh_state(x, params, obj_fn, **settings) if is_mask(x)
+                      else x, opt_state, is_leaf=is_mask)
 
 
 def curvature_mask(mode: str = "hard", quantile: float = 0.9,
@@ -189,7 +228,10 @@ def curvature_mask(mode: str = "hard", quantile: float = 0.9,
     mode: ``"hard"`` or ``"soft"``.
     quantile: per-leaf quantile of ``|h|`` above which ``"hard"`` masks.
     beta: strength of the ``"soft"`` scaling.
-    refresh_every: steps between curvature estimates (step 0 refreshes).
+    refresh_every: steps between curvature estimates (step 0 refreshes); 0:
+      never inside ``update`` (the caller refreshes the state with
+      :func:`refresh_masks`, e.g. in a program of its own, so the update
+      carries no ``lax.cond`` for it).
     num_samples: Rademacher probes per estimate.
     ema_decay: decay of the EMA of the diagonal.
     seed: seed of the probe PRNG key kept in the state.
@@ -209,8 +251,8 @@ def curvature_mask(mode: str = "hard", quantile: float = 0.9,
     raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
   if not 0.0 <= quantile <= 1.0:
     raise ValueError(f"quantile must be in [0, 1], got {quantile}")
-  if refresh_every < 1:
-    raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+  if refresh_every < 0:
+    raise ValueError(f"refresh_every must be >= 0, got {refresh_every}")
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
 
@@ -223,29 +265,21 @@ def curvature_mask(mode: str = "hard", quantile: float = 0.9,
         diag_ema=zeros,
         scale=jax.tree.map(jnp.ones_like, params))
 
-  def refresh(state, params, obj_fn):
-    key, sub = jax.random.split(state.key)
-    h = hutchinson_diagonal(obj_fn, params, sub, num_samples)
-    n = state.num_refreshes + 1
-    ema = jax.tree.map(lambda e, x: ema_decay * e + (1.0 - ema_decay) * x,
-                       state.diag_ema, h)
-    debias = 1.0 - ema_decay ** n.astype(jnp.float32)
-    scale = jax.tree.map(
-        lambda e: _leaf_scale(e / debias.astype(e.dtype), mode, quantile, beta),
-        ema)
-    return state._replace(key=key, num_refreshes=n, diag_ema=ema, scale=scale)
+  settings = dict(mode=mode, quantile=quantile, beta=beta, num_samples=num_samples,
+                  ema_decay=ema_decay)
 
   def update_fn(updates, state, params=None, *, obj_fn=None, destructive=None,
                 **extra_args):
     del extra_args
     if params is None:
       raise ValueError("curvature_mask needs params in update()")
-    if obj_fn is None:
+    if obj_fn is None and refresh_every:
       raise ValueError("curvature_mask needs the keyword argument obj_fn "
                        "(a scalar function of params) in update()")
-    state = jax.lax.cond(state.count % refresh_every == 0,
-                         lambda s: refresh(s, params, obj_fn),
-                         lambda s: s, state)
+    if refresh_every:
+      state = jax.lax.cond(state.count % refresh_every == 0,
+                           lambda s: refresh_state(s, params, obj_fn, **settings),
+                           lambda s: s, state)
     if destructive is None:
       new = jax.tree.map(lambda u, s: u * s, updates, state.scale)
     else:

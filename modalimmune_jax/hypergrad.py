@@ -189,17 +189,18 @@ def _check_alpha(alpha):
 def _neumann_loop(matvec, b, alpha, max_terms, keep_going):
   """Sums ``alpha * sum_k (I - alpha A)^k b`` while ``keep_going`` and not diverging.
 
-  ``keep_going(k, residual_norm, lambda_min_estimate)``; the loop also stops at
-  the first term whose residual is non-finite or grew (see
-  :func:`growth_tolerance`).
+  ``keep_going(k, residual_norm, lambda_min_estimate, x)`` (``x`` the partial
+  solution); the loop also stops at the first term whose residual is
+  non-finite or grew (see :func:`growth_tolerance`).
   """
   b_norm = otu.tree_norm(b)
   growth = 1.0 + growth_tolerance(b_norm.dtype)
   lam_est = lambda rho: jnp.where(rho < 1, (1.0 - rho) / alpha, 0.0)
 
   def cond(carry):
-    k, _, _, res_norm, rho, diverging = carry
-    return (k < max_terms) & ~diverging & keep_going(k, res_norm, lam_est(rho))
+    k, acc, _, res_norm, rho, diverging = carry
+    return ((k < max_terms) & ~diverging
+            & keep_going(k, res_norm, lam_est(rho), otu.tree_scale(alpha, acc)))
 
   def body(carry):
     k, acc, term, res_norm, _, _ = carry
@@ -226,16 +227,17 @@ def _neumann_loop(matvec, b, alpha, max_terms, keep_going):
 def _cg_loop(matvec, b, max_terms, keep_going):
   """Conjugate gradients from ``x = 0`` while ``keep_going`` and no breakdown.
 
-  ``keep_going(k, residual_norm, lambda_min_estimate)`` sees the recursive
-  residual; the returned ``residual_norm`` is recomputed as ``||b - A x||``.
+  ``keep_going(k, residual_norm, lambda_min_estimate, x)`` sees the recursive
+  residual and the iterate; the returned ``residual_norm`` is recomputed as
+  ``||b - A x||``.
   Stops at an exactly zero residual (the solution is exact).
   """
   b_norm = otu.tree_norm(b)
   rr0 = otu.tree_norm(b, squared=True)
 
   def cond(carry):
-    k, _, _, _, rr, lam, bad = carry
-    return (k < max_terms) & ~bad & (rr > 0) & keep_going(k, jnp.sqrt(rr), lam)
+    k, x, _, _, rr, lam, bad = carry
+    return (k < max_terms) & ~bad & (rr > 0) & keep_going(k, jnp.sqrt(rr), lam, x)
 
   def body(carry):
     k, x, r, p, rr, lam, _ = carry
@@ -291,10 +293,10 @@ def _linear_solve(solver, matvec, b, alpha, num_terms, tol, max_terms,
                   min_eigenvalue):
   _check_terms(num_terms, tol)
   if num_terms is not None:
-    return _solve(solver, matvec, b, alpha, num_terms, lambda k, r, lam: True)
+    return _solve(solver, matvec, b, alpha, num_terms, lambda k, r, lam, x: True)
   scale = 1.0 if min_eigenvalue is None else 1.0 / min_eigenvalue
   return _solve(solver, matvec, b, alpha, max_terms,
-                lambda k, r, lam: r * scale > tol)
+                lambda k, r, lam, x: r * scale > tol)
 
 
 def neumann_solve(matvec: Callable[[PyTree], PyTree], b: PyTree, *,
@@ -468,6 +470,7 @@ def neumann_hypergrad(inner_loss: Callable[..., jax.Array] | GaussNewton,
                       inner_args: tuple = (), outer_args: tuple = (),
                       alpha: float | None = None, damping: float = 0.0,
                       num_terms: int | None = None, tol: float | None = None,
+                      rel_tol: float | None = None,
                       max_terms: int = 100, curvature: str = "auto",
                       strong_convexity: float | None = None,
                       solver: str = "neumann"
@@ -503,7 +506,11 @@ def neumann_hypergrad(inner_loss: Callable[..., jax.Array] | GaussNewton,
     tol: instead of ``num_terms``, the smallest ``K <= max_terms`` with
       ``error_bound <= tol`` (``lax.while_loop``). With an uncertifiable
       curvature the estimated bound is used and ``certified`` stays False.
-    max_terms: cap on ``K`` with ``tol``.
+    rel_tol: instead, the smallest ``K <= max_terms`` with ``error_bound <=
+      rel_tol * ||g_K||``, ``g_K`` the hyper-gradient at ``K`` terms (a check
+      costs a product of the mixed term with the iterate, no curvature
+      product): as many terms as the hyper-gradient's own size asks for.
+    max_terms: cap on ``K`` with ``tol`` or ``rel_tol``.
     curvature: ``"auto"``, ``"hessian"`` or ``"gauss_newton"``.
     strong_convexity: a proven lower bound on ``lambda_min`` of the undamped
       curvature (e.g. the L2 coefficient of a convex loss); it makes the
@@ -536,7 +543,10 @@ def neumann_hypergrad(inner_loss: Callable[..., jax.Array] | GaussNewton,
   if curvature == "gauss_newton" and not isinstance(inner_loss, GaussNewton):
     raise ValueError("curvature='gauss_newton' needs inner_loss to be a "
                      "GaussNewton(model_fn, output_loss)")
-  _check_terms(num_terms, tol)
+  if sum(x is not None for x in (num_terms, tol, rel_tol)) != 1:
+    raise ValueError("give exactly one of num_terms, tol and rel_tol")
+  if num_terms is not None and num_terms < 0:
+    raise ValueError(f"num_terms must be >= 0, got {num_terms}")
   if solver == "cg":
     alpha = None
   _check_alpha(alpha)
@@ -578,18 +588,22 @@ def neumann_hypergrad(inner_loss: Callable[..., jax.Array] | GaussNewton,
                          / jnp.where(lam_est > 0, lam_est, 1.0), jnp.inf)
     return jnp.where(rigorous, rigorous_bound, estimate)
 
+  def hypergrad_at(x):  # d_phi L_val - (mixed term) x
+    mixed = sum(jnp.tensordot(c, v, axes=(tuple(range(1, c.ndim)), tuple(range(v.ndim))))
+                for c, v in zip(jax.tree.leaves(cols), jax.tree.leaves(x)))
+    return jax.tree.map(lambda d, m: d - m, g_phi, unravel(mixed))
+
   if num_terms is not None:
     p, info = _solve(solver, matvec, g_theta, alpha, num_terms,
-                     lambda k, r, lam: True)
+                     lambda k, r, lam, x: True)
   else:
     # The estimate needs a few terms to mean anything: never stop before.
-    def keep_going(k, res_norm, lam_est):
-      return (bound(res_norm, lam_est) > tol) | (~rigorous & (k < 3))
+    def keep_going(k, res_norm, lam_est, x):
+      limit = tol if tol is not None else rel_tol * otu.tree_norm(hypergrad_at(x))
+      return (bound(res_norm, lam_est) > limit) | (~rigorous & (k < 3))
     p, info = _solve(solver, matvec, g_theta, alpha, max_terms, keep_going)
 
-  mixed = sum(jnp.tensordot(c, x, axes=(tuple(range(1, c.ndim)), tuple(range(x.ndim))))
-              for c, x in zip(jax.tree.leaves(cols), jax.tree.leaves(p)))
-  hypergrad = jax.tree.map(lambda d, m: d - m, g_phi, unravel(mixed))
+  hypergrad = hypergrad_at(p)
 
   error_bound = bound(info.residual_norm, info.lambda_min_estimate)
   r = info.rho * RHO_SAFETY
@@ -600,6 +614,8 @@ def neumann_hypergrad(inner_loss: Callable[..., jax.Array] | GaussNewton,
                & _tree_all_finite(hypergrad))
   if tol is not None:
     certified = certified & (error_bound <= tol)
+  if rel_tol is not None:
+    certified = certified & (error_bound <= rel_tol * otu.tree_norm(hypergrad))
   cert = HypergradCertificate(
       num_terms=info.num_terms,
       residual_norm=info.residual_norm,

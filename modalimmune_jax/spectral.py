@@ -51,12 +51,13 @@ _TINY = 1e-12  # sqrt guard of singular_spectrum only
 
 
 def _as_batch(z: jax.Array) -> jax.Array:
+  """``z`` as a ``(B, k)`` batch in float32 at least: spectra are computed in
+  float32 whatever the model computes in (bfloat16 has 8 bits of mantissa,
+  and LAPACK no bfloat16 kernel)."""
   z = jnp.asarray(z)
   if z.ndim != 2:
     raise ValueError(f"expected embeddings of shape (B, k), got shape {z.shape}")
-  if not jnp.issubdtype(z.dtype, jnp.floating):
-    z = z.astype(jnp.float32)
-  return z
+  return z.astype(jnp.promote_types(z.dtype, jnp.float32))
 
 
 def _prepare(z: jax.Array, center: bool, axis_name: str | None = None) -> jax.Array:
@@ -327,4 +328,4 @@ def collapsed_view(z: jax.Array, kappa: float | jax.Array = 0.9,
   c = jnp.cumsum(p) - p
   keep = (c < kappa).astype(z.dtype)
   proj = jax.lax.stop_gradient((vecs * keep) @ vecs.T)
-  return zc @ proj + mean
+  return (zc @ proj + mean).astype(z.dtype)

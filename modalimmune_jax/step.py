@@ -30,7 +30,7 @@ and out of every step; everything is a pure function of it:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +38,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from modalimmune_jax.methods.base import Method, all_finite, has_floats
+from modalimmune_jax.methods.base import Method, Periodic, all_finite, has_floats
 
 __all__ = ["AXIS", "TrainState", "Health", "SEED_AXES", "init_state", "make_train_step",
-           "make_mesh", "make_parallel_step", "make_loop_step", "fault_names", "device_data",
+           "make_periodic_step", "make_mesh", "make_parallel_step", "make_loop_step",
+           "make_parallel_periodic", "StepFn", "fault_names", "device_data",
            "split_arrays",
            "gather_batch", "device_batch", "shard_batch", "shard_indices", "host_copy",
            "stack_states", "seed_state"]
@@ -125,9 +126,28 @@ def _method_faults(method: Method, old, new) -> dict[str, jax.Array]:
 
 
 def fault_names(method: Method, method_state) -> list[str]:
-  """The terms a step checks, in the bit order of :attr:`Health.terms`."""
+  """The terms a step (or a periodic program, :func:`make_periodic_step`)
+  checks, in the bit order of :attr:`Health.terms`."""
   faults = jax.eval_shape(lambda s: _method_faults(method, s, s), method_state)
-  return ["loss", "gradient", *faults]
+  return ["loss", "gradient", "optimizer state", *faults]
+
+
+def _guard(ok, new, old):
+  """``new`` if ``ok`` else ``old``, leaf by leaf; a leaf that ``new`` passed
+  through unchanged (the same traced value) is neither selected nor copied
+  (a method's constant data, say)."""
+  new_leaves, treedef = jax.tree.flatten(new)
+  old_leaves = treedef.flatten_up_to(old)
+  moved = [i for i, (a, b) in enumerate(zip(new_leaves, old_leaves)) if a is not b]
+  if moved:
+    # lax.cond rather than a per-leaf select: same result, half the XLA
+    # compile time on CPU (one select kernel per leaf)
+    picked = jax.lax.cond(ok, lambda: [new_leaves[i] for i in moved],
+                          lambda: [old_leaves[i] for i in moved])
+    new_leaves = list(new_leaves)
+    for i, leaf in zip(moved, picked):
+      new_leaves[i] = leaf
+  return treedef.unflatten(new_leaves)
 
 
 def make_train_step(method: Method, optimizer: optax.GradientTransformation,
@@ -141,10 +161,12 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation,
   ``pmean`` of local gradients on top would count it N times). ``rng`` is
   passed to the method unchanged (the same on every device).
 
-  The destructive split: the method's loss returns ``(total, destructive)``;
-  one ``jax.vjp`` and a ``vmap`` of its pullback over the two cotangents
-  ``(1, 0)`` and ``(0, 1)`` give both gradients from one forward pass (the
-  backward pass runs batched over two cotangents).
+  The destructive split: the method's loss returns ``(total, destructive)``.
+  With ``Method.destructive`` (the destructive part alone, reading only part
+  of the model) its gradient is taken through that part; without it, one
+  ``jax.vjp`` and a ``vmap`` of its pullback over the two cotangents ``(1, 0)``
+  and ``(0, 1)`` give both gradients from one forward pass (the backward pass
+  through the whole model runs batched over two cotangents).
 
   ``max_nonfinite`` (0 = never): after that many bad steps in a row the
   state is frozen and ``state.health.halted`` set (see :class:`Health`).
@@ -162,7 +184,7 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation,
       return losses, metrics
 
     extra = {}
-    if method.split_destructive:
+    if method.split_destructive and method.destructive is None:
       losses, pullback, metrics = jax.vjp(objective, params, has_aux=True)
       basis = (jnp.array([1.0, 0.0], losses[0].dtype), jnp.array([0.0, 1.0], losses[0].dtype))
       (both,) = jax.vmap(pullback)(basis)
@@ -173,6 +195,11 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation,
         losses, metrics = objective(p)
         return losses[0], (losses, metrics)
       (_, (losses, metrics)), grads = jax.value_and_grad(total_objective, has_aux=True)(params)
+      if method.split_destructive:  # through the part of the model it reads
+        def destructive(p):
+          value = method.destructive(p, state.method_state, batch, rng, axis_name)
+          return value if axis_name is None else jax.lax.pmean(value, axis_name)
+        extra["destructive"] = jax.grad(destructive)(params)
     loss = losses[0]
 
     def constructive(p):  # the objective the curvature mask measures: no destructive part
@@ -187,9 +214,7 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation,
                                                 obj_fn=constructive, **extra)
       return optax.apply_updates(params, updates), new_opt_state
 
-    # lax.cond rather than a per-leaf select: same result, half the XLA
-    # compile time on CPU (one select kernel per leaf of params and state).
-    bad = [~jnp.all(jnp.isfinite(loss)), ~all_finite(grads)]
+    bad = [~jnp.all(jnp.isfinite(loss)), ~all_finite(grads), jnp.zeros([], bool)]
     finite = ~(bad[0] | bad[1])
     new_params, new_opt_state = jax.lax.cond(finite, apply, lambda _: (params, state.opt_state),
                                              None)
@@ -198,9 +223,9 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation,
     bad += list(_method_faults(method, state.method_state, method_state).values())
     bad = jnp.stack(bad)
     ok = ~jnp.any(bad) & (health.halted == 0)
-    new_params, new_opt_state, method_state = jax.lax.cond(
-        ok, lambda: (new_params, new_opt_state, method_state),
-        lambda: (params, state.opt_state, state.method_state))
+    new_params, new_opt_state, method_state = _guard(
+        ok, (new_params, new_opt_state, method_state),
+        (params, state.opt_state, state.method_state))
     health = _count(health, ok, bad, state.step, max_nonfinite)
     metrics = dict(metrics, **method_metrics, loss=loss,
                    nonfinite=1.0 - ok.astype(jnp.float32),
@@ -210,12 +235,14 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation,
   return step
 
 
-def _count(health: Health, ok, bad, step, max_nonfinite: int) -> Health:
-  """The health after a step (``ok``: applied; ``bad``: per-term flags)."""
+def _count(health: Health, ok, bad, step, max_nonfinite: int, reset: bool = True) -> Health:
+  """The health after a step (``ok``: applied; ``bad``: per-term flags);
+  ``reset=False`` (a periodic program): an applied one does not end a run of
+  bad steps."""
   if_halted = health.halted > 0
   counted = ~ok & ~if_halted
   bits = jnp.sum(jnp.where(bad, 2 ** jnp.arange(bad.shape[0], dtype=jnp.int32), 0))
-  run = jnp.where(ok, 0, health.run + counted.astype(jnp.int32))
+  run = jnp.where(ok & reset, 0, health.run + counted.astype(jnp.int32))
   halted = if_halted | ((max_nonfinite > 0) & (run >= max(max_nonfinite, 1)))
   return Health(skipped=health.skipped + counted.astype(jnp.int32), run=run,
                 last_bad=jnp.where(counted, step, health.last_bad),
@@ -233,6 +260,89 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(devices), (AXIS,))
 
 
+def make_periodic_step(method: Method, periodic: Periodic, axis_name: str | None = None,
+                       max_nonfinite: int = 0) -> Callable:
+  """``periodic_step(state, batch, rng) -> (state, metrics)``: the method's
+  :class:`~modalimmune_jax.methods.base.Periodic` work around one step, as
+  its own program; ``rng`` and ``batch`` are the step's.
+
+  The step it belongs to is ``state.step`` (before) or ``state.step - 1``
+  (after). A non-finite result (the method's faults, or a non-finite
+  optimiser state) is not applied and is counted in :class:`Health` like a
+  skipped step; an applied one leaves the counters alone. A halted state is
+  not changed.
+  """
+  def run(state: TrainState, batch, rng):
+    step = state.step - (0 if periodic.before else 1)
+    opt_state, method_state, metrics = periodic.fn(state.params, state.opt_state,
+                                                   state.method_state, batch, rng, step,
+                                                   axis_name)
+    bad = [jnp.zeros([], bool), jnp.zeros([], bool),
+           ~all_finite(opt_state) if opt_state is not state.opt_state else jnp.zeros([], bool),
+           *_method_faults(method, state.method_state, method_state).values()]
+    bad = jnp.stack(bad)
+    ok = ~jnp.any(bad) & (state.health.halted == 0)
+    opt_state, method_state = _guard(ok, (opt_state, method_state),
+                                     (state.opt_state, state.method_state))
+    health = _count(state.health, ok, bad, step, max_nonfinite, reset=False)
+    return state._replace(opt_state=opt_state, method_state=method_state, health=health), metrics
+
+  return run
+
+
+def _step_of(state: TrainState):
+  return state.step
+
+
+def _data_parallel(body: Callable, mesh: jax.sharding.Mesh, seeds: bool = False,
+                   key_step: Callable = _step_of) -> Callable:
+  """``jit(shard_map(body))`` over the mesh axis: ``(state, batch, rng)`` with
+  the state and key replicated and the batch split; ``seeds``: stacked
+  states, ``(S, B, ...)`` batches and the seeds' base keys, each folded with
+  ``key_step(state)``. The state is donated."""
+  if not seeds:
+    sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(AXIS), P()),
+                            out_specs=(P(), P()))
+    return jax.jit(sharded, donate_argnums=(0,))
+
+  def run(state, batch, base_rngs):
+    rngs = jax.vmap(jax.random.fold_in, (0, None))(base_rngs, key_step(state))
+    return jax.vmap(body, in_axes=(SEED_AXES, 0, 0), out_axes=(SEED_AXES, 0))(
+        state, batch, rngs)
+  sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P(None, AXIS), P()),
+                          out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=(0,))
+
+
+def _on_device(body: Callable, mesh: jax.sharding.Mesh, seeds: str | None = None,
+               key_step: Callable = _step_of) -> Callable:
+  """``(state, data, indices, base_rng)``: ``body`` over ``k = indices.shape[0]``
+  batches gathered from the device-resident ``data`` (``lax.scan`` when
+  ``k > 1``), each with the key ``fold_in(base_rng, key_step(state))``;
+  metrics stacked ``(k, ...)``. See :func:`make_loop_step`."""
+  def run(state, data, indices, base_rng):
+    def one(state, index):
+      # The barrier materialises the gathered batch: fused into its consumers, the
+      # gather made XLA CPU's matmuls read through it (MOSI-shaped step 0.63x).
+      batch = jax.lax.optimization_barrier(gather_batch(data, index))
+      return body(state, batch, jax.random.fold_in(base_rng, key_step(state)))
+    if indices.shape[0] == 1:
+      state, metrics = one(state, indices[0])
+      return state, jax.tree.map(lambda x: x[None], metrics)
+    return jax.lax.scan(one, state, indices)
+
+  index_spec = P(None, AXIS)
+  if seeds is not None:
+    if seeds not in ("shared", "stacked"):
+      raise ValueError(f"seeds must be None, 'shared' or 'stacked', got {seeds!r}")
+    run = jax.vmap(run, in_axes=(SEED_AXES, None if seeds == "shared" else 0, 0, 0),
+                   out_axes=(SEED_AXES, 1))
+    index_spec = P(None, None, AXIS)
+  sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P(), index_spec, P()),
+                          out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=(0,))
+
+
 def make_parallel_step(method: Method, optimizer: optax.GradientTransformation,
                        mesh: jax.sharding.Mesh, max_nonfinite: int = 0,
                        seeds: bool = False) -> Callable:
@@ -247,18 +357,7 @@ def make_parallel_step(method: Method, optimizer: optax.GradientTransformation,
   ``fold_in(base_rngs[i], state.step)``, as its own run would.
   """
   step = make_train_step(method, optimizer, axis_name=AXIS, max_nonfinite=max_nonfinite)
-  if not seeds:
-    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()),
-                            out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=(0,))
-
-  def run(state, batch, base_rngs):
-    rngs = jax.vmap(jax.random.fold_in, (0, None))(base_rngs, state.step)
-    return jax.vmap(step, in_axes=(SEED_AXES, 0, 0), out_axes=(SEED_AXES, 0))(
-        state, batch, rngs)
-  sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P(None, AXIS), P()),
-                          out_specs=(P(), P()))
-  return jax.jit(sharded, donate_argnums=(0,))
+  return _data_parallel(step, mesh, seeds)
 
 
 def make_loop_step(method: Method, optimizer: optax.GradientTransformation,
@@ -285,28 +384,57 @@ def make_loop_step(method: Method, optimizer: optax.GradientTransformation,
     >>> state, metrics = loop_step(state, data, shard_indices(idx, mesh), key)
   """
   step = make_train_step(method, optimizer, axis_name=AXIS, max_nonfinite=max_nonfinite)
+  return _on_device(step, mesh, seeds)
 
-  def run(state, data, indices, base_rng):
-    def one(state, index):
-      # The barrier materialises the gathered batch: fused into its consumers, the
-      # gather made XLA CPU's matmuls read through it (MOSI-shaped step 0.63x).
-      batch = jax.lax.optimization_barrier(gather_batch(data, index))
-      return step(state, batch, jax.random.fold_in(base_rng, state.step))
-    if indices.shape[0] == 1:
-      state, metrics = one(state, indices[0])
-      return state, jax.tree.map(lambda x: x[None], metrics)
-    return jax.lax.scan(one, state, indices)
 
-  index_spec = P(None, AXIS)
-  if seeds is not None:
-    if seeds not in ("shared", "stacked"):
-      raise ValueError(f"seeds must be None, 'shared' or 'stacked', got {seeds!r}")
-    run = jax.vmap(run, in_axes=(SEED_AXES, None if seeds == "shared" else 0, 0, 0),
-                   out_axes=(SEED_AXES, 1))
-    index_spec = P(None, None, AXIS)
-  sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P(), index_spec, P()),
-                          out_specs=(P(), P()))
-  return jax.jit(sharded, donate_argnums=(0,))
+def make_parallel_periodic(method: Method, periodic: Periodic, mesh: jax.sharding.Mesh,
+                           max_nonfinite: int = 0, seeds: bool = False,
+                           on_device: str | None = None) -> Callable:
+  """:func:`make_periodic_step` in the form of the step it goes with: that of
+  :func:`make_parallel_step` (``seeds`` as there) or, with ``on_device``
+  (``"single"``, ``"shared"`` or ``"stacked"``), that of :func:`make_loop_step`
+  with the one step's indices ``(1, B)``. The key is the step's."""
+  body = make_periodic_step(method, periodic, AXIS, max_nonfinite)
+  key_step = _step_of if periodic.before else (lambda state: state.step - 1)
+  if on_device is not None:
+    return _on_device(body, mesh, None if on_device == "single" else on_device, key_step)
+  return _data_parallel(body, mesh, seeds, key_step)
+
+
+class StepFn:
+  """One training step with the method's periodic programs around it.
+
+  ``step_fn(state, batch, rng, step=None) -> (state, metrics)``: the periodic
+  programs (:func:`make_parallel_periodic`) that fire at ``step`` run before
+  or after ``train_step`` (:func:`make_parallel_step`), and the after ones'
+  metrics replace the step's. ``step`` is the index of the step about to run;
+  without it, it is read from ``state.step`` (a host synchronisation per
+  step), so a loop that knows it should pass it.
+
+  Example:
+    >>> for s in range(100):
+    ...   state, metrics = step_fn(state, shard_batch(batches(s), mesh), fold_in(key, s), s)
+  """
+
+  def __init__(self, train_step: Callable, periodic: Sequence[tuple[Periodic, Callable]] = ()):
+    self.train_step, self.periodic = train_step, tuple(periodic)
+
+  def __call__(self, state, batch, rng, step: int | None = None):
+    if self.periodic and step is None:
+      step = int(host_copy(state.step))
+    for p, fn in self.periodic:
+      if p.before and p.fires(step):
+        state, _ = fn(state, batch, rng)
+    state, metrics = self.train_step(state, batch, rng)
+    for p, fn in self.periodic:
+      if not p.before and p.fires(step):
+        state, extra = fn(state, batch, rng)
+        metrics = {**metrics, **{k: v for k, v in extra.items() if k in metrics}}
+    return state, metrics
+
+  def lower(self, *args, **kwargs):
+    """The train step's ``jax.stages.Lowered`` (its HLO, cost and memory analysis)."""
+    return self.train_step.lower(*args, **kwargs)
 
 
 def split_arrays(split) -> dict:

@@ -278,6 +278,39 @@ def test_adaptive_terms_meet_tolerance_under_jit():
   assert int(cert.num_terms) == 5 and not bool(cert.certified)
 
 
+@pytest.mark.parametrize("solver", ["neumann", "cg"])
+def test_relative_tolerance_stops_at_the_first_k_within_rel_tol_of_g(solver):
+  """``rel_tol``: the bound is certified within ``rel_tol * |g|`` (and the true
+  error within the bound, against the dense solve), at the first such K: one
+  term fewer is not within it; a tighter rel_tol takes more terms."""
+  x, y, xv, yv = _logistic_problem(3, n=25, d=3)
+  hp = {"log_l2": jnp.asarray(np.log(0.3)), "shift": jnp.asarray(0.2)}
+  w = _newton_fit(hp["log_l2"], x, y) + 0.05
+  damping = 0.05
+  dense, a = jax.jit(functools.partial(_dense_hypergrad, SIN_GN, True))(
+      w, hp, x, y, xv, yv, damping)
+  alpha = 1.0 / np.linalg.eigvalsh(np.asarray(a)).max()
+  solve = jax.jit(lambda w, hp, **kw: hg.neumann_hypergrad(
+      SIN_GN, _val, w, hp, inner_args=(x, y), outer_args=(xv, yv), alpha=alpha,
+      damping=damping, solver=solver, max_terms=500, **kw),
+      static_argnames=("rel_tol", "num_terms"))
+  terms = []
+  for rel_tol in (0.5, 1e-2, 1e-4):
+    g, cert = solve(w, hp, rel_tol=rel_tol)
+    g_norm = float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(g)[0]))
+    err = float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(g)[0] - dense))
+    assert bool(cert.certified)
+    assert float(cert.error_bound) <= rel_tol * g_norm
+    assert err <= float(cert.error_bound) * (1 + 1e-9) + ROUNDING
+    k = int(cert.num_terms)
+    if k > 1:  # the first such K: one fewer term is not within rel_tol of its g
+      g1, c1 = solve(w, hp, num_terms=k - 1)
+      assert float(c1.error_bound) > rel_tol * float(
+          jnp.linalg.norm(jax.flatten_util.ravel_pytree(g1)[0]))
+    terms.append(k)
+  assert terms[0] <= terms[1] <= terms[2] and terms[0] < terms[2]
+
+
 # ------------------------------------------------ divergence detection ----
 
 def _eig_problem(seed, n=6, cond=20.0):

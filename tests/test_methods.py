@@ -172,7 +172,10 @@ def test_intervention_hook_collapses_or_drops_the_target():
   z2, p2 = hook(z, present)
   np.testing.assert_array_equal(z2[:, 0], z[:, 0])
   np.testing.assert_array_equal(z2[:, 2], z[:, 2])
-  np.testing.assert_allclose(z2[:, 1], spectral.collapsed_view(z[:, 1], 0.5), atol=1e-6)
+  # the hook computes the view inside a lax.cond (a compiled branch), the oracle
+  # op by op: float32 rounding of the projection differs
+  np.testing.assert_allclose(z2[:, 1], spectral.collapsed_view(z[:, 1], 0.5), rtol=1e-5,
+                             atol=1e-6)
   assert float(spectral.effective_rank(z2[:, 1])) < float(spectral.effective_rank(z[:, 1]))
   np.testing.assert_array_equal(p2, present)
   off, _ = mi._intervention_hook("collapse", jnp.array(False), jnp.array(1), 0.5, None)(z, present)

@@ -78,10 +78,13 @@ def _leaves(tree):
 @pytest.mark.slow
 def test_stopped_modalimmune_run_resumes_exactly(tmp_path):
   """Params, optimiser state (curvature-mask EMA and key), controller,
-  meta-parameters and their optimiser state: bit-identical after a resume."""
+  meta-parameters and their optimiser state: bit-identical after a resume, and
+  across the two input pipelines (the uninterrupted run gathers its batches on
+  the device, and runs the periodic programs on them; the resumed one on the host)."""
   config = small_config()
   config.checkpoint.every = 4
-  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  full = train.train_and_evaluate(with_overrides(config, {"train.device_data": "device"}),
+                                  str(tmp_path / "full"))
   config.train.stop_after = 5  # between checkpoints, and between hyper-steps
   first = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert first["stopped"]

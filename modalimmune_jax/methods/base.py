@@ -11,13 +11,21 @@ A :class:`Method` is a small NamedTuple of pure functions, in the style of an
   methods without one); the loss may run any number of forward passes;
 * ``update(method_state, params, batch, rng, step, axis_name) ->
   (method_state, metrics)``: runs inside the jitted step after the parameter
-  update (periodic work is gated with ``lax.cond`` on ``step``);
+  update, every step;
+* ``periodic``: :class:`Periodic` work (every ``every`` steps), each run by
+  the loop as its own compiled program before or after the step it fires
+  at, so that the step itself costs nothing for it on the other steps;
 * ``transforms``: optax transformations put in front of the optimiser;
 * ``post_transforms``: optax transformations put after it (on the final
   updates: e.g. zeroing a frozen parameter's update, which a transform in
   front cannot do against AdamW's momentum and weight decay);
 * ``split_destructive``: the step passes the gradient of ``destructive`` to
   the optimiser as the extra argument ``destructive``;
+* ``destructive(params, method_state, batch, rng, axis_name) -> scalar``: the
+  destructive part alone, when it reads only part of the model (ModalImmune's
+  collapse penalty reads the encoders' outputs): the step then takes its
+  gradient through that part, instead of a second backward pass through the
+  whole model; default None;
 * ``events(step, get_metrics) -> list[dict]``: host side, records for
   ``metrics.jsonl`` (``get_metrics()`` fetches the step's metrics);
 * ``objective(params, method_state, batch, rng, axis_name) -> scalar``: the
@@ -69,7 +77,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-__all__ = ["Method", "MethodSpec", "NoSettings", "ModelFns", "task_loss", "cell_mean",
+__all__ = ["Method", "Periodic", "MethodSpec", "NoSettings", "ModelFns", "compute_in",
+           "task_loss", "cell_mean",
            "reconstruction_loss", "global_batch_size", "has_floats", "all_finite",
            "local_rows", "no_update"]
 
@@ -92,6 +101,39 @@ class Method(NamedTuple):
   faults: Callable[[Any, Any], dict] | None = None
   predict_hook: Callable[[Any, Any], Callable] | None = None
   post_transforms: tuple = ()
+  periodic: tuple = ()
+  destructive: Callable[..., jax.Array] | None = None
+
+
+class Periodic(NamedTuple):
+  """Work a method does every ``every`` steps, compiled as its own program.
+
+  The training loop runs ``fn`` around step ``s`` when ``s % every == phase``:
+  before the step (``before=True``, on the parameters the step starts from)
+  or after it (on the updated parameters), with the step's batch and key.
+  Inside a ``lax.cond`` of the step the work would cost on every step: the
+  step's program would carry its operands, buffers and temporaries (XLA CPU
+  allocates the largest branch's temporaries on every call).
+
+  ``fn(params, opt_state, method_state, batch, rng, step, axis_name) ->
+  (opt_state, method_state, metrics)``: ``step`` is ``s``; ``metrics`` (a dict
+  of scalars) replace the step's metrics of the same names for step ``s``.
+  A non-finite result (``Method.faults`` of the method state, or a
+  non-finite optimiser state) is not applied and is counted like a skipped
+  step. With ``train.steps_per_dispatch = k > 1`` the work runs before or
+  after the dispatch of ``k`` steps that contains ``s``.
+
+  Example (the controller of ModalImmune, every 10 steps after the update):
+    >>> Periodic(10, measure)            # measure(params, opt_state, ms, batch, ...)
+  """
+  every: int
+  fn: Callable[..., tuple[Any, Any, dict]]
+  phase: int = 0
+  before: bool = False
+
+  def fires(self, step: int) -> bool:
+    """Whether the work runs around step ``step``."""
+    return step % self.every == self.phase
 
 
 class NoSettings(NamedTuple):
@@ -214,6 +256,29 @@ def local_rows(x: jax.Array, axis_name: str | None) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis_name) * rows, rows)
 
 
+def _cast_floats(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x),
+                                                                   jnp.floating) else x, tree)
+
+
+def compute_in(dtype, graphdef: nnx.GraphDef, params, batch: dict, **call) -> dict:
+  """``MultimodalModel.__call__`` of ``(graphdef, params)`` on ``batch``, computed
+  in ``dtype`` (None: as the parameters are): the floating parameters and
+  inputs are cast to it, and the floating outputs back to float32, so losses,
+  spectra and metrics stay in float32 and the gradients reach the float32
+  parameters through the casts (mixed precision).
+
+  Example:
+    >>> out = compute_in(jnp.bfloat16, graphdef, params, batch, train=False)
+  """
+  if dtype is not None:
+    params, batch = _cast_floats(params, dtype), dict(batch, inputs=_cast_floats(
+        batch["inputs"], dtype))
+  model = nnx.merge(graphdef, params)
+  out = model(batch["inputs"], batch["masks"], batch["presence"], **call)
+  return out if dtype is None else _cast_floats(out, jnp.float32)
+
+
 class ModelFns(NamedTuple):
   """The NNX model as pure functions of its parameters (``nnx.State``).
 
@@ -222,27 +287,36 @@ class ModelFns(NamedTuple):
     names: modality order (the columns of ``presence``).
     task: ``"regression"``, ``"classification"`` or ``"multilabel"``.
     regression_loss: ``"l1"`` or ``"mse"``.
+    compute_dtype: the model's compute dtype (e.g. ``jnp.bfloat16``) with
+      float32 parameters and optimiser state; None = the parameters' own
+      (:func:`compute_in`).
   """
   graphdef: nnx.GraphDef
   names: tuple[str, ...]
   task: str
   regression_loss: str = "l1"
+  compute_dtype: Any = None
 
   def apply(self, params, batch: dict, rng: jax.Array | None = None, *, train: bool = True,
             hook: Callable | None = None, axis_name: str | None = None) -> dict:
     """The model's output dict (see ``MultimodalModel.__call__``).
 
     ``rng`` drives the model's dropout; inside ``shard_map`` it is folded with
-    the device index so devices draw different dropout masks.
+    the device index so devices draw different dropout masks. With a
+    ``compute_dtype`` the model runs in it and its outputs come back in float32.
     """
-    model = nnx.merge(self.graphdef, params)
     rngs = None
     if rng is not None:
       if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
       rngs = nnx.Rngs(dropout=rng)
-    return model(batch["inputs"], batch["masks"], batch["presence"], train=train,
-                 rngs=rngs, embedding_hook=hook)
+    return compute_in(self.compute_dtype, self.graphdef, params, batch, train=train,
+                      rngs=rngs, embedding_hook=hook)
+
+  def in_float32(self) -> "ModelFns":
+    """The same model computing in its parameters' dtype (float32): for what
+    must stay exact (BHGD's solves and certificates)."""
+    return self._replace(compute_dtype=None)
 
   def task_loss(self, outputs: jax.Array, labels: jax.Array) -> jax.Array:
     return task_loss(self.task, outputs, labels, self.regression_loss)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -20,12 +21,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from modalimmune_jax import build
 from modalimmune_jax import data as data_lib
 from modalimmune_jax import methods as methods_lib
-from modalimmune_jax.methods.base import Method, ModelFns
+from modalimmune_jax.methods.base import Method, ModelFns, compute_in
 from modalimmune_jax.model import MultimodalModel
-from modalimmune_jax.step import (TrainState, device_batch, init_state, make_loop_step,
-                                  make_mesh, make_parallel_step)
+from modalimmune_jax.step import (StepFn, TrainState, device_batch, init_state,
+                                  make_loop_step, make_mesh, make_parallel_periodic,
+                                  make_parallel_step)
 
-__all__ = ["build_model", "Batches", "Setup", "setup", "max_nonfinite", "make_predict_fn"]
+__all__ = ["build_model", "Batches", "Setup", "setup", "max_nonfinite", "make_predict_fn",
+           "compute_dtype"]
 
 
 def build_model(config: ml_collections.ConfigDict, dataset: data_lib.MultimodalDataset,
@@ -70,10 +73,13 @@ class Batches:
 class Setup(NamedTuple):
   """Everything a training loop needs, built from a config (see :func:`setup`).
 
-  ``step_fn(state, batch, rng)`` takes a host batch (``shard_batch``);
-  ``loop_fn(state, data, indices, base_rng)`` is the loop's form
-  (:func:`~modalimmune_jax.step.make_loop_step`): ``k`` steps per call on the
-  device-resident split. Both compile on first use.
+  ``step_fn(state, batch, rng, step=None)`` takes a host batch
+  (``shard_batch``) and runs the method's periodic programs around the step
+  (:class:`~modalimmune_jax.step.StepFn`); ``loop_fn(state, data, indices,
+  base_rng)`` is the loop's form (:func:`~modalimmune_jax.step.make_loop_step`):
+  ``k`` steps per call on the device-resident split, and ``loop_periodic``
+  the periodic programs in that form (``(Periodic, fn)`` pairs, indices of one
+  step). All compile on first use.
   """
   dataset: data_lib.MultimodalDataset
   model: ModelFns
@@ -84,6 +90,7 @@ class Setup(NamedTuple):
   step_fn: Callable
   batches: Batches
   loop_fn: Callable
+  loop_periodic: tuple = ()
 
   @property
   def graphdef(self):
@@ -118,7 +125,8 @@ def setup(config: ml_collections.ConfigDict,
     raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
                      f"the {mesh.devices.size} devices")
   graphdef, params = nnx.split(model if model is not None else build_model(config, dataset))
-  fns = ModelFns(graphdef, dataset.modality_names, dataset.task, config.train.regression_loss)
+  fns = ModelFns(graphdef, dataset.modality_names, dataset.task, config.train.regression_loss,
+                 compute_dtype(config))
   if method is None:
     method = methods_lib.from_config(config, fns, dataset)
   elif not isinstance(method, Method):
@@ -128,20 +136,33 @@ def setup(config: ml_collections.ConfigDict,
   if method.post_transforms:
     optimizer = optax.chain(optimizer, *method.post_transforms)
   state = jax.device_put(init_state(params, optimizer, method), NamedSharding(mesh, P()))
-  step_fn = make_parallel_step(method, optimizer, mesh, max_nonfinite(config))
-  loop_fn = make_loop_step(method, optimizer, mesh, max_nonfinite(config))
+  max_bad = max_nonfinite(config)
+  step_fn = StepFn(make_parallel_step(method, optimizer, mesh, max_bad),
+                   [(p, make_parallel_periodic(method, p, mesh, max_bad))
+                    for p in method.periodic])
+  loop_fn = make_loop_step(method, optimizer, mesh, max_bad)
+  loop_periodic = tuple((p, make_parallel_periodic(method, p, mesh, max_bad, on_device="single"))
+                        for p in method.periodic)
   batches = Batches(dataset.splits["train"], config.train.batch_size, config.seed)
-  return Setup(dataset, fns, method, state, optimizer, mesh, step_fn, batches, loop_fn)
+  return Setup(dataset, fns, method, state, optimizer, mesh, step_fn, batches, loop_fn,
+               loop_periodic)
 
 
-def make_predict_fn(graphdef: nnx.GraphDef, predict_hook: Callable | None = None) -> Callable:
+def make_predict_fn(graphdef: nnx.GraphDef, predict_hook: Callable | None = None,
+                    compute_dtype=None) -> Callable:
   """``predict(params, batch, method_state=None) -> outputs`` (jitted, evaluation
-  mode). With a method's ``predict_hook`` (``Method.predict_hook``) the model
-  runs with the hook ``predict_hook(params, method_state)`` (EBR's test-time fill)."""
+  mode, in ``compute_dtype`` as training computes; outputs in float32). With a
+  method's ``predict_hook`` (``Method.predict_hook``) the model runs with the
+  hook ``predict_hook(params, method_state)`` (EBR's test-time fill)."""
   @jax.jit
   def predict(params, batch, method_state=None):
-    model = nnx.merge(graphdef, params)
     hook = None if predict_hook is None else predict_hook(params, method_state)
-    return model(batch["inputs"], batch["masks"], batch["presence"],
-                 embedding_hook=hook)["outputs"]
+    return compute_in(compute_dtype, graphdef, params, batch,
+                      embedding_hook=hook)["outputs"]
   return predict
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  """``train.compute_dtype`` as a dtype (None for float32: the parameters' own)."""
+  return None if config.train.compute_dtype == "float32" else jnp.dtype(
+      config.train.compute_dtype)

@@ -18,9 +18,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from modalimmune_jax.step import (device_data, gather_batch, host_copy, make_loop_step,
-                                  make_parallel_step, seed_state, shard_batch, shard_indices,
-                                  stack_states)
+from modalimmune_jax.step import (StepFn, device_data, gather_batch, host_copy,
+                                  make_loop_step, make_parallel_periodic, make_parallel_step,
+                                  seed_state, shard_batch, shard_indices, stack_states)
 from modalimmune_jax.train.evaluation import evaluate_split
 from modalimmune_jax.train.report import finish
 from modalimmune_jax.train.run import Run
@@ -33,7 +33,8 @@ __all__ = ["Pipeline", "train_loop"]
 class Pipeline:
   """How the loop's steps run: one run, or several seeds of one config as one
   vmapped program (``vmapped``); batches gathered inside the compiled step
-  from the device-resident split, or on the host and put per step.
+  from the device-resident split, or on the host and put per step; the
+  method's periodic programs (``Method.periodic``) around the steps they fire at.
 
   ``dispatch(state, step)`` runs ``k`` steps; ``fetch(metrics)`` copies their
   metrics to the host, ``(k, [S,] ...)``; ``state_of``, ``part`` and
@@ -58,14 +59,20 @@ class Pipeline:
       self.state = stack_states([r.state for r in runs])
       self.base = jax.numpy.stack([r.base_rng for r in runs])
       optimizer, max_bad = lead.setup.optimizer, max_nonfinite(config)
+      seeds = "shared" if shared else "stacked"
       if on_device:
-        self.loop_fn = make_loop_step(method, optimizer, mesh, max_bad,
-                                      seeds="shared" if shared else "stacked")
+        self.loop_fn = make_loop_step(method, optimizer, mesh, max_bad, seeds=seeds)
+        self.periodic = tuple((p, make_parallel_periodic(method, p, mesh, max_bad,
+                                                         on_device=seeds))
+                              for p in method.periodic)
       else:
-        self.step_fn = make_parallel_step(method, optimizer, mesh, max_bad, seeds=True)
+        self.step_fn = StepFn(make_parallel_step(method, optimizer, mesh, max_bad, seeds=True),
+                              [(p, make_parallel_periodic(method, p, mesh, max_bad, seeds=True))
+                               for p in method.periodic])
     else:
       self.state, self.base = lead.state, lead.base_rng
       self.loop_fn, self.step_fn = lead.setup.loop_fn, lead.setup.step_fn
+      self.periodic = lead.setup.loop_periodic
 
   def state_of(self, state, j: int):
     return seed_state(state, j) if self.vmapped else state
@@ -77,30 +84,57 @@ class Pipeline:
     return jax.tree.map(lambda x: x[:, j], metrics) if self.vmapped else metrics
 
   def dispatch(self, state, step: int):
-    """``k`` steps; the metrics as one ``(k, [S,] ...)`` tree or a list of ``k``."""
+    """``k`` steps and the periodic programs that fire among them; the metrics
+    as ``(steps' metrics, the after-programs' metrics)``."""
     k, mesh, runs = self.k, self.mesh, self.runs
     idx = [r.setup.batches.indices(step, k) for r in runs]
     if self.data is not None:
-      return self.loop_fn(state, self.data,
-                          shard_indices(np.stack(idx) if self.vmapped else idx[0], mesh),
-                          self.base)
+      return self._on_device(state, step, np.stack(idx) if self.vmapped else idx[0])
     outs = []
     for i in range(k):  # host pipeline: batch i + 1 is put while step i runs
       if self.vmapped:
         batch = jax.tree.map(lambda *xs: np.stack(xs),
                              *[gather_batch(r.host_data, ix[i]) for r, ix in zip(runs, idx)])
-        state, metrics = self.step_fn(state, shard_batch(batch, mesh, seeds=True), self.base)
+        state, metrics = self.step_fn(state, shard_batch(batch, mesh, seeds=True), self.base,
+                                      step + i)
       else:
         batch = shard_batch(gather_batch(runs[0].host_data, idx[0][i]), mesh)
-        state, metrics = self.step_fn(state, batch, jax.random.fold_in(self.base, step + i))
+        state, metrics = self.step_fn(state, batch, jax.random.fold_in(self.base, step + i),
+                                      step + i)
       outs.append(metrics)
-    return state, outs
+    return state, (outs, [])
+
+  def _on_device(self, state, step: int, indices):
+    """The device pipeline: a periodic program that fires in the window of
+    ``k`` steps runs before it with its first step's batch and key, or after
+    it with its last step's (exactly the step it fires at when ``k = 1``)."""
+    fires = lambda p: any(p.fires(s) for s in range(step, step + self.k))
+    one = lambda i: shard_indices(indices[..., i:i + 1, :], self.mesh)  # (.., 1, B)
+    for p, fn in self.periodic:
+      if p.before and fires(p):
+        state, _ = fn(state, self.data, one(0), self.base)
+    state, metrics = self.loop_fn(state, self.data, shard_indices(indices, self.mesh),
+                                  self.base)
+    extras = []
+    for p, fn in self.periodic:
+      if not p.before and fires(p):
+        state, extra = fn(state, self.data, one(self.k - 1), self.base)
+        extras.append(jax.tree.map(lambda x: x[0], extra))
+    return state, (metrics, extras)
 
   def fetch(self, metrics):
-    """Host copies, stacked ``(k, ...)``."""
+    """Host copies, stacked ``(k, ...)``; the after-programs' metrics replace
+    the last step's."""
+    metrics, extras = metrics
     if isinstance(metrics, list):
-      return jax.tree.map(lambda *xs: np.stack(xs), *host_copy(metrics))
-    return host_copy(metrics)
+      host = jax.tree.map(lambda *xs: np.stack(xs), *host_copy(metrics))
+    else:
+      host = jax.tree.map(np.array, host_copy(metrics))  # writable copies
+    for extra in host_copy(extras) if extras else ():
+      for key, value in extra.items():
+        if key in host:
+          host[key][-1] = value
+    return host
 
 
 class _Metrics:

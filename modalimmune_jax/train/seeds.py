@@ -13,7 +13,7 @@ import numpy as np
 from modalimmune_jax import build
 from modalimmune_jax.config import validate_config, with_overrides
 from modalimmune_jax.methods.base import Method, ModelFns
-from modalimmune_jax.step import device_batch, make_train_step
+from modalimmune_jax.step import device_batch, make_periodic_step, make_train_step
 from modalimmune_jax.train.loop import train_loop
 from modalimmune_jax.train.run import Run
 from modalimmune_jax.train.assemble import make_predict_fn
@@ -92,7 +92,8 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int],
     while len(set(steps)) > 1:
       steps = [r.restore(at_most=min(steps)) for r in runs]
   groups = [runs] if together and why is None else [[r] for r in runs]
-  predict = make_predict_fn(runs[0].setup.graphdef, runs[0].method.predict_hook)
+  predict = make_predict_fn(runs[0].setup.graphdef, runs[0].method.predict_hook,
+                            runs[0].setup.model.compute_dtype)
   summaries = []
   for group in groups:
     for r in group:
@@ -119,10 +120,11 @@ def one_program(runs: Sequence[Run]) -> str | None:
   seed-dependent values cannot), on data of the same shapes."""
   def program(r):
     s = r.setup
-    step = make_train_step(s.method, s.optimizer)
     batch = device_batch(s.batches(0))
-    closed = jax.make_jaxpr(step)(r.state, batch, r.base_rng)
-    return str(closed.jaxpr), closed.consts
+    programs = [make_train_step(s.method, s.optimizer)]
+    programs += [make_periodic_step(s.method, p) for p in s.method.periodic]
+    closed = [jax.make_jaxpr(f)(r.state, batch, r.base_rng) for f in programs]
+    return "\n".join(str(c.jaxpr) for c in closed), [x for c in closed for x in c.consts]
   shapes = [{m: x.shape for m, x in r.host_data["inputs"].items()} for r in runs]
   if any(s != shapes[0] for s in shapes):
     return f"the seeds' data differ in shape: {shapes}"
