@@ -262,7 +262,7 @@ def main(argv=None) -> int:
   state = states["new"]
 
   if not args.no_parts:
-    times, flops = parts(run, *inputs[0], 3 if args.quick else max(args.steps // 2, 5),
+    times, flops = parts(run, *inputs[0][:2], 3 if args.quick else max(args.steps // 2, 5),
                          1 if args.quick else 3)
     record["parts_ms"], record["parts_flops"] = times, flops
     say("\nparts, each jitted alone on one device:")

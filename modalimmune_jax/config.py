@@ -156,7 +156,8 @@ def unused_sections(method_name: str | None) -> tuple[str, ...]:
 # Keys added to the schema after runs were made with it, each with the value that
 # reproduces what those runs did: a config that lacks the key had that value.
 ADDED = {"train.compute_dtype": "float32",      # mixed precision came later
-         "method.modalimmune.hyper_tol": 0.0}  # BHGD always took hyper_terms terms
+         "method.modalimmune.hyper_tol": 0.0,  # BHGD always took hyper_terms terms
+         "method.ebr.width_factor": 0.0}       # EBR's absolute widths (512 / 1024)
 
 
 def differences(old: dict, new: ml_collections.ConfigDict,

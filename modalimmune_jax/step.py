@@ -432,9 +432,10 @@ class StepFn:
         metrics = {**metrics, **{k: v for k, v in extra.items() if k in metrics}}
     return state, metrics
 
-  def lower(self, *args, **kwargs):
-    """The train step's ``jax.stages.Lowered`` (its HLO, cost and memory analysis)."""
-    return self.train_step.lower(*args, **kwargs)
+  def lower(self, state, batch, rng, step: int | None = None):
+    """The train step's ``jax.stages.Lowered`` (its HLO, cost and memory
+    analysis); ``step`` is accepted and ignored, as in ``__call__``'s arguments."""
+    return self.train_step.lower(state, batch, rng)
 
 
 def split_arrays(split) -> dict:
