@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from math import lcm
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,7 +46,8 @@ __all__ = ["HERE", "ROOT", "CONFIGS", "RESULTS", "QUICK_RESULTS", "config_module
            "get_config", "run_config", "bench_config", "log", "default_out", "parser",
            "find_runs", "write_results", "restore", "train_logs", "copy_tree", "host_steps",
            "device_inputs", "Timed", "timed_steps", "step_rate", "time_calls",
-           "loop_steps_per_s", "alternate"]
+           "loop_steps_per_s", "alternate", "Workload", "bench_workloads", "mosi_settings",
+           "amortising_window", "window_inputs", "compile_periodic", "time_windows"]
 
 _T0 = time.perf_counter()
 
@@ -232,7 +234,7 @@ def host_steps(run, state, rng, steps: Iterable[int], timed: bool = False):
   for s in steps:
     t0 = time.perf_counter()
     state, metrics = run.step_fn(state, shard_batch(run.batches(s), run.mesh),
-                                 jax.random.fold_in(rng, s))
+                                 jax.random.fold_in(rng, s), s)
     if timed:
       jax.block_until_ready((state, metrics))
       seconds.append(time.perf_counter() - t0)
@@ -240,11 +242,12 @@ def host_steps(run, state, rng, steps: Iterable[int], timed: bool = False):
 
 
 def device_inputs(run, steps: Iterable[int], rng) -> list[tuple]:
-  """``(batch, key)`` of each step number, already on the device."""
+  """``(batch, key, step)`` of each step number, batch and key already on the
+  device (the step number tells ``run.step_fn`` which periodic programs fire)."""
   import jax
   from modalimmune_jax.step import shard_batch
-  return jax.block_until_ready([(shard_batch(run.batches(s), run.mesh),
-                                 jax.random.fold_in(rng, s)) for s in steps])
+  return [(*jax.block_until_ready((shard_batch(run.batches(s), run.mesh),
+                                   jax.random.fold_in(rng, s))), s) for s in steps]
 
 
 class Timed(NamedTuple):
@@ -255,13 +258,14 @@ class Timed(NamedTuple):
 
 
 def timed_steps(step_fn, state, inputs: Iterable[tuple]) -> Timed:
-  """The timing loop: ``step_fn(state, batch, key)`` over ``inputs`` (pairs,
-  usually already on the device), one ``block_until_ready`` at the end."""
+  """The timing loop: ``step_fn(state, *inputs[i])`` (``(batch, key)`` or
+  ``(batch, key, step)``, usually already on the device), one
+  ``block_until_ready`` at the end."""
   import jax
   t0, c0 = time.perf_counter(), time.process_time()
   metrics = None
-  for batch, key in inputs:
-    state, metrics = step_fn(state, batch, key)
+  for args in inputs:
+    state, metrics = step_fn(state, *args)
   jax.block_until_ready((state, metrics))
   return Timed(time.perf_counter() - t0, time.process_time() - c0, state, metrics)
 
@@ -273,9 +277,9 @@ def step_rate(run, steps: int) -> float:
   import jax
   from modalimmune_jax.step import shard_batch
   rng, batch = jax.random.key(0), shard_batch(run.batches(0), run.mesh)
-  state = timed_steps(run.step_fn, copy_tree(run.state), [(batch, rng)]).state
+  state = timed_steps(run.step_fn, copy_tree(run.state), [(batch, rng, 0)]).state
   timed = timed_steps(run.step_fn, state,
-                      ((batch, jax.random.fold_in(rng, s)) for s in range(steps)))
+                      ((batch, jax.random.fold_in(rng, s), s) for s in range(1, steps + 1)))
   return steps / timed.seconds
 
 
@@ -319,3 +323,111 @@ def alternate(jobs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list
       out[n].append(jobs[n]())
   return out
 
+
+
+# -------------------------------------------------------- bench workloads ----
+
+class Workload(NamedTuple):
+  """A config the benchmarks time, with where it came from."""
+  name: str  # "mfeat", "MOSI-shaped"
+  config: Any
+  source: str  # the config file and variant, with any overrides, for the reports
+  overrides: dict  # dotted keys applied to the source config
+
+
+def mosi_settings(config) -> dict:
+  """ModalImmune's settings as a user of ``configs/mosi.py`` gets them (its
+  periods, ``hyper_every`` 250, and ``hyper_batch_size`` 32), as dotted
+  overrides of the ``method.modalimmune`` keys in which ``config`` differs."""
+  mosi = get_config("mosi", validate=False).method.modalimmune
+  mine = config.method.modalimmune
+  return {f"method.modalimmune.{k}": v for k, v in mosi.items() if mine[k] != v}
+
+
+def bench_workloads(quick: bool = False) -> list[Workload]:
+  """The two workloads of the step-cost benchmarks: ``configs/mfeat.py`` and
+  MOSI-shaped synthetic data (``configs/synthetic.py:mosi_shaped``: 3 sequence
+  modalities of 50 frames, widths 300/74/35, regression, batch 32) with
+  ModalImmune's settings from ``configs/mosi.py`` (:func:`mosi_settings`).
+  ``quick``: each one's ``smoke`` sizes and periods (``common.smoke``; for
+  MOSI-shaped also 128/32/64 samples), so every periodic part fires within a
+  few steps."""
+  from modalimmune_jax.config import validate_config
+  mfeat = Workload("mfeat", get_config("mfeat", "smoke" if quick else ""),
+                   "configs/mfeat.py" + (":smoke" if quick else ""), {})
+  shaped = get_config("synthetic", "mosi_shaped", validate=False)
+  overrides = mosi_settings(shaped)
+  config = get_config("synthetic", "mosi_shaped", validate=False, overrides=overrides)
+  source = ("configs/synthetic.py:mosi_shaped with ModalImmune's settings of configs/mosi.py ("
+            + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()) + ")")
+  if quick:
+    config = config_module("common").smoke(config)
+    config.data.synthetic.num_samples = (128, 32, 64)
+    source = "configs/synthetic.py:mosi_shaped with configs/common.py's smoke sizes"
+    overrides = {}
+  validate_config(config)
+  return [mfeat, Workload("MOSI-shaped", config, source, overrides)]
+
+
+def amortising_window(config, least: int) -> int:
+  """The smallest multiple of ModalImmune's periods in ``config`` (``hyper_every``,
+  ``ctrl_every``, ``mask_every``) that is at least ``least`` steps: any window
+  of that many consecutive steps holds every periodic part exactly as often as
+  training does per step (mfeat: 100 steps, 2 hyper-steps; MOSI's periods: 250)."""
+  mi = config.method.modalimmune
+  period = lcm(mi.hyper_every, mi.ctrl_every, mi.mask_every)
+  return period * max(1, -(-least // period))
+
+
+def window_inputs(run, first: int, count: int, rng, distinct: int = 100) -> list[tuple]:
+  """``(batch, key, step)`` of the steps ``first .. first + count - 1`` for a
+  timed window (:func:`device_inputs`), with at most ``distinct`` different
+  batches and keys on the device, then repeated (a MOSI-shaped batch is 2.6
+  MB); the step numbers go on, so the periodic programs fire as in training."""
+  base = device_inputs(run, range(first, first + min(count, distinct)), rng)
+  return [(*base[i % len(base)][:2], first + i) for i in range(count)]
+
+
+def compile_periodic(run, state, batch, key, steps: Iterable[int] | None = None
+                     ) -> dict[str, float]:
+  """Calls each periodic program of ``run.step_fn`` (that fires at one of
+  ``steps``, if given) once, on a copy of ``state`` (so ``state`` is
+  unchanged), so that no timed window compiles one (BHGD's fires only every
+  ``hyper_every`` steps); ``{program name: seconds of that first call}``."""
+  import jax
+  steps = None if steps is None else list(steps)
+  seconds = {}
+  for p, fn in run.step_fn.periodic:
+    if steps is not None and not any(p.fires(s) for s in steps):
+      continue
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(copy_tree(state), batch, key))
+    seconds[p.fn.__name__] = time.perf_counter() - t0
+  return seconds
+
+
+def time_windows(jobs: dict[str, tuple[Callable, Any]], inputs: Sequence[tuple], rounds: int,
+                 restart: bool = False) -> tuple[dict[str, list[float]], dict[str, Timed]]:
+  """Warm windows: ``jobs[name] = (step_fn, state)`` steps over all of
+  ``inputs`` (:func:`timed_steps`) once per round, the jobs alternated
+  (:func:`alternate`). Returns the seconds per step of each window,
+  ``{name: [per round]}``, and each job's last :class:`Timed`. The state goes
+  on from window to window (the step donates it; the step numbers in
+  ``inputs`` repeat, so every round has the same periodic events) or, with
+  ``restart``, every window starts from a copy of the job's state."""
+  import jax
+  states = {name: state for name, (_, state) in jobs.items()}
+  last = {}
+
+  def job(name):
+    def window():
+      state = jax.block_until_ready(copy_tree(states[name])) if restart else states[name]
+      timed = timed_steps(jobs[name][0], state, inputs)
+      if not restart:
+        states[name] = timed.state
+      last[name] = timed
+      log(f"  {name}: {timed.seconds / len(inputs) * 1e3:.2f} ms/step")
+      return timed.seconds / len(inputs)
+    return window
+
+  return alternate({name: job(name) for name in jobs}, rounds), last
