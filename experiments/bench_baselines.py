@@ -1,31 +1,33 @@
-"""What each method's training step costs relative to plain, measured in one run.
+"""What each method's training step costs relative to plain, on mfeat and MOSI-shaped data, in one run.
 
-    python experiments/bench_baselines.py [--data mfeat|synthetic] [--steps 100]
+    python experiments/bench_baselines.py [--workloads mfeat MOSI-shaped] [--steps W]
         [--repeats 3] [--out DIR]
-    python experiments/bench_baselines.py --quick    # smoke run: smoke config, W=5, R=1
+    python experiments/bench_baselines.py --quick    # smoke sizes, W=4, R=1
 
-For each of the seven methods of ``experiments/baselines.sh`` (the config's
-defaults, ``method.name`` set), the data-parallel step of
-:func:`modalimmune_jax.train.setup` on the same model, data and batch size:
-compiled (first step, wall time) and stepped once untimed; then ``W``
-(``--steps``) warm steps timed with the batches and keys already on the device,
-``block_until_ready`` at the end, in two windows: from the state after step 2
-and from the state after step ``train.steps / 2 + 2`` (trained to there,
-untimed), because distillation trains its teacher and CMPT pre-trains plainly
-in the first half and both change their step after it. Each window starts
-from a copy of its state, so every round times the same steps. ``R``
-(``--repeats``) rounds,
-round-robin over the methods (the order rotated each round); per window the
-median over rounds, and the run's cost per step is the mean of the two
-windows. Ratios to plain are the figures to compare across machines.
+Workloads (``harness.bench_workloads``, as in ``bench_methods.py``):
+``configs/mfeat.py`` and MOSI-shaped synthetic data
+(``configs/synthetic.py:mosi_shaped`` with ModalImmune's periods of
+``configs/mosi.py``). For each of the seven methods of
+``experiments/baselines.sh`` (the config's defaults, ``method.name`` set), the
+data-parallel step of :func:`modalimmune_jax.train.setup` on the same model,
+data and batch size: compiled (first step, wall time) and stepped once
+untimed; every periodic program called once (no timed window compiles one);
+then ``W`` warm steps timed with the batches and keys already on the device
+(``step_fn(state, batch, key, step)``, ``block_until_ready`` at the end), in two
+windows: from the state after step 2 and from the state after step
+``train.steps / 2 + 2`` (trained to there, untimed), because distillation
+trains its teacher and CMPT pre-trains plainly in the first half and both
+change their step after it. Each window starts from a copy of its state, so
+every round times the same steps. ``W`` (``harness.amortising_window``) is the
+smallest multiple of ModalImmune's periods of at least 100 steps (mfeat 100,
+MOSI's periods 250), so ModalImmune's windows hold each periodic part as often
+as training does. ``R`` (``--repeats``) rounds, the methods alternated (the
+order rotated each round); per window the median over rounds, and the run's
+cost per step is the mean of the two windows. Ratios to plain are the figures
+to compare across machines.
 
-With ``W = 100`` ModalImmune's windows hold 2 hyper-steps and 10 controller
-and curvature-mask refreshes at the mfeat config's periods (amortised as in
-training).
-
-Writes ``OUT/bench_baselines[_DATA].{json,md}`` with provenance (``--out``,
-default ``experiments/results/bench_baselines``). ``--quick``: the config's
-``smoke`` variant (12 steps, a small model), ``W = 5``, ``R = 1``.
+Writes ``OUT/bench_baselines.{json,md}`` with provenance (``--out``, default
+``experiments/results/bench_baselines``).
 """
 
 from __future__ import annotations
@@ -35,42 +37,45 @@ import statistics
 
 import jax
 
-from harness import (alternate, copy_tree, device_inputs, get_config, host_steps, log,
-                     parser, timed_steps, write_results)
+from harness import (alternate, amortising_window, bench_workloads, compile_periodic,
+                     copy_tree, host_steps, log, parser, timed_steps, window_inputs,
+                     write_results)
 from modalimmune_jax import methods, train
+from modalimmune_jax.config import with_overrides
 
 METHODS = methods.BUILTIN  # plain, dropout, consistency, ebr, distill, cmpt, modalimmune
 
 
-def bench(args):
-  configs = {m: get_config(args.data, args.variant, overrides={"method.name": m})
-             for m in METHODS}
+def bench(args, workload):
+  configs = {m: with_overrides(workload.config, {"method.name": m}) for m in METHODS}
+  steps = args.steps or amortising_window(workload.config, 4 if args.quick else 100)
   dataset = train.load_data(configs["plain"])
   total = configs["plain"].train.steps
   starts = (2, total // 2 + 2)
   base_rng = jax.random.key(0)
-  runs, states, first = {}, {}, {}
+  runs, states, first, inputs = {}, {}, {}, None
   for method in METHODS:
-    log(f"setup {method}")
+    log(f"[{workload.name}] setup {method}")
     run = train.setup(configs[method], dataset=dataset)
     state, _, t = host_steps(run, run.state, base_rng, range(2), timed=True)  # compile, one more
     log(f"  first step {t[0]:.1f} s, second {t[1] * 1e3:.1f} ms")
+    if inputs is None:
+      inputs = window_inputs(run, 2, steps, base_rng)
+    compile_periodic(run, state, *inputs[0][:2], [s for _, _, s in inputs])
     snapshots = {starts[0]: copy_tree(state)}
     state, _, _ = host_steps(run, state, base_rng, range(*starts))  # to the second window
     snapshots[starts[1]] = copy_tree(state)
     runs[method], states[method], first[method] = run, snapshots, t
 
   plain = runs["plain"]
-  log(f"placing {args.steps} batches on the device")
-  inputs = device_inputs(plain, range(2, args.steps + 2), base_rng)
 
   def job(method):
     def both_windows():
       ms = []
       for start in starts:
         state = jax.block_until_ready(copy_tree(states[method][start]))
-        ms.append(timed_steps(runs[method].step_fn, state, inputs).seconds / args.steps * 1e3)
-      log(f"{method}: " + ", ".join(f"{x:.2f}" for x in ms) + " ms/step")
+        ms.append(timed_steps(runs[method].step_fn, state, inputs).seconds / steps * 1e3)
+      log(f"  {method}: " + ", ".join(f"{x:.2f}" for x in ms) + " ms/step")
       return ms
     return both_windows
 
@@ -85,17 +90,20 @@ def bench(args):
   plain_ms = rows[0]["ms_per_step"]
   for row in rows:
     row["ratio_to_plain"] = row["ms_per_step"] / plain_ms
-  return {"setup": {"data": dataset.name, "platform": jax.devices()[0].platform,
+  return {"setup": {"workload": workload.name, "source": workload.source,
+                    "overrides": workload.overrides, "data": dataset.name,
+                    "platform": jax.devices()[0].platform,
                     "devices": plain.mesh.devices.size, "cpus": len(os.sched_getaffinity(0)),
-                    "batch_size": configs["plain"].train.batch_size, "steps": args.steps,
+                    "batch_size": configs["plain"].train.batch_size, "steps": steps,
                     "repeats": args.repeats, "window_starts": list(starts)},
           "rows": rows}
 
 
-def render(record):
+def render_workload(record):
   s = record["setup"]
   a, b = s["window_starts"]
-  out = [f"Cost per training step on {s['data']} ({s['platform']}, {s['cpus']} CPUs, "
+  out = [f"## {s['workload']}", "", f"{s['source']}.", "",
+         f"Cost per training step on {s['data']} ({s['platform']}, {s['cpus']} CPUs, "
          f"{s['devices']} device(s), batch {s['batch_size']}, the config's defaults): "
          f"{s['steps']} warm steps from step {a} and from step {b}, median over "
          f"{s['repeats']} round-robin rounds each; per step: the mean of the two.", "",
@@ -105,24 +113,38 @@ def render(record):
     h = r["ms_per_step_halves"]
     out.append(f"| {r['method']} | {r['first_step_s']:.1f} | {h[0]:.2f} | {h[1]:.2f} | "
                f"{r['ms_per_step']:.2f} | {r['ratio_to_plain']:.2f} |")
-  return "\n".join(out) + "\n"
+  return out + [""]
+
+
+def render(records):
+  rows = {w["setup"]["workload"]: {r["method"]: r["ratio_to_plain"] for r in w["rows"]}
+          for w in records}
+  out = ["## Summary: ms/step against plain", "",
+         "| method | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
+  for method in METHODS:
+    out.append(f"| {method} | " + " | ".join(f"{rows[w][method]:.2f}" for w in rows) + " |")
+  out.append("")
+  for w in records:
+    out += render_workload(w)
+  return "\n".join(out)
 
 
 def main(argv=None) -> int:
   p = parser(__doc__, "bench_baselines")
-  p.add_argument("--data", default="mfeat", choices=("mfeat", "synthetic"))
-  p.add_argument("--steps", type=int, default=None, help="W timed steps per window (100)")
-  p.add_argument("--repeats", type=int, default=None, help="R rounds (3)")
+  names = [w.name for w in bench_workloads()]
+  p.add_argument("--workloads", nargs="+", default=names, choices=names,
+                 help="(both: %(default)s)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="W timed steps per window (default: the smallest multiple of "
+                 "ModalImmune's periods >= 100; --quick: >= 4)")
+  p.add_argument("--repeats", type=int, default=None, help="R rounds (3; --quick 1)")
   args = p.parse_args(argv)
-  args.steps = args.steps or (5 if args.quick else 100)
   args.repeats = args.repeats or (1 if args.quick else 3)
-  args.variant = "smoke" if args.quick else ""
-  record = bench(args)
-  text = render(record)
+  records = [bench(args, w) for w in bench_workloads(args.quick) if w.name in args.workloads]
+  text = render(records)
   print("\n" + text)
-  name = "bench_baselines" + ("" if args.data == "mfeat" else f"_{args.data}")
-  write_results(args.out, name, record, text.splitlines(),
-                title=f"bench_baselines ({record['setup']['data']})", seed=0)
+  write_results(args.out, "bench_baselines", {"workloads": records}, text.splitlines(),
+                title="bench_baselines: every method's step against plain", seed=0)
   return 0
 
 
