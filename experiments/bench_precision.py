@@ -36,8 +36,8 @@ import tempfile
 import jax
 import numpy as np
 
-from harness import (amortising_window, copy_tree, get_config, host_steps, log, parser, time_windows,
-                     window_inputs, write_results)
+from harness import (amortising_window, compile_periodic, get_config, host_steps, log,
+                     parser, time_windows, window_inputs, write_results)
 from modalimmune_jax import compare, train
 
 DTYPES = ("float32", "bfloat16")
@@ -62,9 +62,7 @@ def step_times(args, configs):
     log(f"  {dtype}: first step {first[0]:.1f} s")
     if inputs is None:
       inputs = window_inputs(run, 2, window, rng)
-    for p, fn in run.step_fn.periodic:  # compile every periodic program before timing
-      if any(p.fires(s) for _, _, s in inputs):
-        jax.block_until_ready(fn(copy_tree(state), *inputs[0][:2]))
+    compile_periodic(run, state, *inputs[0][:2], [s for _, _, s in inputs])
     jobs[dtype] = (run.step_fn, state)
   times, _ = time_windows(jobs, inputs, args.repeats)
   return times, window

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
 
 from absl import flags
 from ml_collections import config_flags

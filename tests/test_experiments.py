@@ -31,10 +31,10 @@ import pytest
 from tests.helpers import ROOT, load_script
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
-SCRIPTS = ("behaviour_digest", "bench_baselines", "bench_core", "bench_methods", "bench_train",
-           "collapse_vs_robustness", "ebr_variants", "ebr_widths", "ebr_without_fill",
-           "fault_injection", "loop_vs_step", "methods_table", "profile_step", "soak",
-           "training_dynamics")
+SCRIPTS = ("behaviour_digest", "bench_baselines", "bench_core", "bench_methods",
+           "bench_precision", "bench_train", "collapse_vs_robustness", "ebr_variants",
+           "ebr_widths", "ebr_without_fill", "fault_injection", "loop_vs_step",
+           "methods_table", "profile_step", "soak", "training_dynamics")
 
 
 def source(name: str) -> ast.Module:
