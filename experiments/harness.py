@@ -324,7 +324,6 @@ def alternate(jobs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list
   return out
 
 
-
 # -------------------------------------------------------- bench workloads ----
 
 class Workload(NamedTuple):
@@ -406,26 +405,21 @@ def compile_periodic(run, state, batch, key, steps: Iterable[int] | None = None
   return seconds
 
 
-def time_windows(jobs: dict[str, tuple[Callable, Any]], inputs: Sequence[tuple], rounds: int,
-                 restart: bool = False) -> tuple[dict[str, list[float]], dict[str, Timed]]:
+def time_windows(jobs: dict[str, tuple[Callable, Any]], inputs: Sequence[tuple], rounds: int
+                 ) -> tuple[dict[str, list[float]], dict[str, Timed]]:
   """Warm windows: ``jobs[name] = (step_fn, state)`` steps over all of
   ``inputs`` (:func:`timed_steps`) once per round, the jobs alternated
   (:func:`alternate`). Returns the seconds per step of each window,
   ``{name: [per round]}``, and each job's last :class:`Timed`. The state goes
   on from window to window (the step donates it; the step numbers in
-  ``inputs`` repeat, so every round has the same periodic events) or, with
-  ``restart``, every window starts from a copy of the job's state."""
-  import jax
+  ``inputs`` repeat, so every round has the same periodic events)."""
   states = {name: state for name, (_, state) in jobs.items()}
   last = {}
 
   def job(name):
     def window():
-      state = jax.block_until_ready(copy_tree(states[name])) if restart else states[name]
-      timed = timed_steps(jobs[name][0], state, inputs)
-      if not restart:
-        states[name] = timed.state
-      last[name] = timed
+      timed = timed_steps(jobs[name][0], states[name], inputs)
+      states[name], last[name] = timed.state, timed
       log(f"  {name}: {timed.seconds / len(inputs) * 1e3:.2f} ms/step")
       return timed.seconds / len(inputs)
     return window
