@@ -39,7 +39,7 @@ import jax
 
 from harness import (alternate, amortising_window, bench_workloads, compile_periodic,
                      copy_tree, host_steps, log, parser, timed_steps, window_inputs,
-                     write_results)
+                     workload_flags, write_results)
 from modalimmune_jax import methods, train
 from modalimmune_jax.config import with_overrides
 
@@ -131,12 +131,7 @@ def render(records):
 
 def main(argv=None) -> int:
   p = parser(__doc__, "bench_baselines")
-  names = [w.name for w in bench_workloads()]
-  p.add_argument("--workloads", nargs="+", default=names, choices=names,
-                 help="(both: %(default)s)")
-  p.add_argument("--steps", type=int, default=None,
-                 help="W timed steps per window (default: the smallest multiple of "
-                 "ModalImmune's periods >= 100; --quick: >= 4)")
+  workload_flags(p)
   p.add_argument("--repeats", type=int, default=None, help="R rounds (3; --quick 1)")
   args = p.parse_args(argv)
   args.repeats = args.repeats or (1 if args.quick else 3)

@@ -96,7 +96,7 @@ import optax.tree_utils as otu
 
 from harness import (alternate, amortising_window, bench_workloads, compile_periodic,
                      copy_tree, device_inputs, host_steps, log, parser, time_windows,
-                     window_inputs, write_results)
+                     window_inputs, workload_flags, write_results)
 from modalimmune_jax import methods, train
 from modalimmune_jax.config import with_overrides
 from modalimmune_jax.hypergrad import POWER_ITERATIONS, neumann_hypergrad
@@ -621,12 +621,7 @@ def render(record):
 
 def parse_args(argv=None):
   p = parser(__doc__, "bench_methods")
-  names = [w.name for w in bench_workloads()]
-  p.add_argument("--workloads", nargs="+", default=names, choices=names,
-                 help="(both: %(default)s)")
-  p.add_argument("--steps", type=int, default=None,
-                 help="W timed steps per window (default: the smallest multiple of "
-                 "ModalImmune's periods >= 100; --quick: >= 4)")
+  workload_flags(p)
   p.add_argument("--repeats", type=int, default=None, help="R rounds (5; --quick 1)")
   p.add_argument("--solvers", action="store_true",
                  help="also section 2, the hyper-gradient solver comparison")

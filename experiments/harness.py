@@ -47,7 +47,8 @@ __all__ = ["HERE", "ROOT", "CONFIGS", "RESULTS", "QUICK_RESULTS", "config_module
            "find_runs", "write_results", "restore", "train_logs", "copy_tree", "host_steps",
            "device_inputs", "Timed", "timed_steps", "step_rate", "time_calls",
            "loop_steps_per_s", "alternate", "Workload", "bench_workloads", "mosi_settings",
-           "amortising_window", "window_inputs", "compile_periodic", "time_windows"]
+           "amortising_window", "workload_flags", "window_inputs", "compile_periodic",
+           "time_windows"]
 
 _T0 = time.perf_counter()
 
@@ -376,6 +377,18 @@ def amortising_window(config, least: int) -> int:
   mi = config.method.modalimmune
   period = lcm(mi.hyper_every, mi.ctrl_every, mi.mask_every)
   return period * max(1, -(-least // period))
+
+
+def workload_flags(p: argparse.ArgumentParser) -> None:
+  """The step-cost benchmarks' shared flags: ``--workloads`` (names of
+  :func:`bench_workloads`, both by default) and ``--steps W`` (default None:
+  :func:`amortising_window`)."""
+  names = [w.name for w in bench_workloads()]
+  p.add_argument("--workloads", nargs="+", default=names, choices=names,
+                 help="(both: %(default)s)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="W timed steps per window (default: the smallest multiple of "
+                 "ModalImmune's periods >= 100; --quick: >= 4)")
 
 
 def window_inputs(run, first: int, count: int, rng, distinct: int = 100) -> list[tuple]:
