@@ -33,7 +33,8 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.MultimodalDataset:
     # ConfigDict sorts the keys of ``shapes``: the order is ``modalities``.
     shapes = s.pop("shapes")
     s["shapes"] = {m: tuple(shapes[m]) for m in s.pop("modalities")}
-    return data_lib.load_dataset("synthetic", seed=config.seed, **s)
+    seed = s.pop("seed", -1)  # -1: the run's seed (older configs)
+    return data_lib.load_dataset("synthetic", seed=config.seed if seed < 0 else seed, **s)
   if d.name == "mfeat":
     return data_lib.load_dataset("mfeat", root=d.root or None, seed=d.split_seed)
   return data_lib.load_dataset(d.name, path=d.path)

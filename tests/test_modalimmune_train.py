@@ -4,6 +4,7 @@ import itertools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -157,3 +158,85 @@ def test_drop_cells_with_uniform_intensities_is_dropout_at_p_destroy():
   expected = 1 - (0.4 - 0.4 ** 3 / 3)  # P(removed) = rate - P(all removed) / M
   sigma = np.sqrt(expected * (1 - expected) / (4 * 512 * 3))
   assert abs(kept - expected) < 5 * sigma, (kept, expected)
+
+
+def test_held_out_controller_still_sees_the_leaned_on_modality_late_in_training():
+  """The constructed case of issue 22: a model trained with modality dropout until its
+  training loss is near zero predicts every training sample from any subset, so the
+  information gains on training batches vanish and the intensities return to uniform;
+  on the held-out controller batch (valid split) the gains still point at the modality
+  the model leans on, the synthetic data's dominant one."""
+  from modalimmune_jax.methods import modalimmune as mi_lib
+  config = get_config("synthetic", "smoke")
+  config.data.synthetic.update(num_samples=(32, 256, 8), dominant="audio", noise=0.3,
+                               shapes={"text": (1, 8), "audio": (1, 8), "vision": (1, 8)})
+  config.train.batch_size = 32
+  config.optim.update(learning_rate=1e-2, warmup_steps=10, weight_decay=0.0,
+                      schedule="constant")
+  config.method.name = "dropout"
+  config.method.dropout.rate = 0.5
+  run = train.setup(config, num_devices=1)
+  state = run_finite_steps(run, 250)
+  params, batch = state.params, run.batches(0)  # the whole training split
+  logits = run.model.apply(params, batch, None, train=False)["outputs"]
+  assert float(run.model.task_loss(logits, batch["labels"])) < 0.05  # near zero
+
+  def intensities(ctrl_data):
+    s = mi_lib.Settings(ctrl_data=ctrl_data, collapse=False, interventions=False,
+                        curvature_mask=False, bhgd=False)
+    held = mi_lib.controller_batch(run.dataset, 256, 0) if ctrl_data == "valid" else None
+    method = mi_lib.modalimmune(run.model, s, ctrl_data=held)
+    (measure,) = [p.fn for p in method.periodic]
+    ms = method.init(params)
+    for i in range(3):
+      _, ms, _ = jax.jit(measure)(params, None, ms, batch, jax.random.key(i), i)
+    return np.asarray(ms.controller.ig), np.asarray(ms.controller.alpha)
+
+  names = list(run.model.names)
+  ig_train, alpha_train = intensities("train")
+  ig_valid, alpha_valid = intensities("valid")
+  assert np.abs(ig_train).max() < 0.05, ig_train           # the training gains vanish ...
+  assert alpha_train.max() - alpha_train.min() < 0.05, alpha_train
+  assert names[int(np.argmax(ig_valid))] == "audio", ig_valid  # ... the held-out ones do not
+  assert ig_valid[names.index("audio")] > 0.2, ig_valid
+  assert names[int(np.argmax(alpha_valid))] == "audio" and alpha_valid.max() > 0.6, alpha_valid
+
+
+def test_bhgd_with_adaptive_terms_applies_a_certified_step_within_its_bound():
+  """BHGD's solve stops at the first CG step certified within ``hyper_tol * |g|``
+  (at most ``hyper_terms``); the step is applied (Adam's first step: ``-lr sign(g)``
+  on the unconstrained meta-parameters), and the hyper-gradient it used is within the
+  certified bound of a 400-step reference solve of the same problem."""
+  from modalimmune_jax.hypergrad import neumann_hypergrad
+  from modalimmune_jax.methods import modalimmune as mi_lib
+  config = small_config()
+  mi = config.method.modalimmune
+  mi.update(hyper_terms=200, hyper_tol=0.1, hyper_every=1, controller=False,
+            curvature_mask=False)
+  run = train.setup(config, num_devices=1)
+  s = mi_lib.Settings(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                         for k, v in mi.to_dict().items()})
+  state = run.state.method_state
+  (bhgd,) = [p.fn for p in run.method.periodic]
+  _, new, _ = jax.jit(bhgd)(run.state.params, None, state, None, jax.random.key(0), 0)
+  h = host_copy(new.hyper)
+  assert bool(h.accepted) and int(h.applied) == 1 and bool(h.certified)
+  assert 1 < int(h.num_terms) < 200
+  assert float(h.error_bound) <= 0.1 * float(h.grad_norm)
+
+  inner, outer = mi_lib.bhgd_objectives(run.model.in_float32(), s)
+  train_b, val = state.hyper_data
+  ref, _ = jax.jit(lambda p, phi: neumann_hypergrad(
+      inner, outer, p, phi, inner_args=(train_b, jnp.full((3,), 1 / 3)), outer_args=(val,),
+      solver="cg", damping=s.hyper_damping, num_terms=400))(run.state.params, state.phi)
+  flat = lambda t: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(t)])
+  ref, bound = flat(ref), float(h.error_bound)
+  assert abs(np.linalg.norm(ref) - float(h.grad_norm)) <= bound * (1 + 1e-3)
+  # the applied step is Adam's first, -lr sign(g), with g's signs those of the reference
+  # wherever the reference exceeds the bound
+  moved = flat(mi_lib.unconstrain(*[h.after[k] for k in mi_lib.META]))
+  start = flat(mi_lib.unconstrain(*[h.before[k] for k in mi_lib.META]))
+  np.testing.assert_allclose(np.abs(moved - start), s.hyper_lr, rtol=1e-3)
+  sure = np.abs(ref) > bound
+  assert sure.any()
+  np.testing.assert_array_equal(np.sign(moved - start)[sure], -np.sign(ref)[sure])

@@ -16,7 +16,12 @@ and controller intensities ``alpha`` (:mod:`modalimmune_jax.controller`):
   modality) cell is removed with rate ``min(p_destroy * M * alpha_m, 0.95)``,
   at least one modality kept per sample (uniform ``alpha``: modality dropout at
   rate ``p_destroy``; the controller steers it to the modality the model leans on);
-* every ``ctrl_every`` steps the controller re-measures the information gains;
+* every ``ctrl_every`` steps the controller re-measures the information gains,
+  ``IG_m = L(x without m) - L(x)`` (signed), by default on a fixed batch of the
+  *valid* split (``ctrl_data="valid"``, :func:`controller_batch`; never the
+  test split): on training batches every gain vanishes once the training loss
+  is near zero, and the intensities drift back to uniform; held-out data keep
+  showing which modality the prediction leans on;
 * every ``hyper_every`` steps BHGD takes one optax step on the unconstrained
   meta-parameters (``log lambda``, ``logit kappa``, ``log eta``, ``log mu``)
   along the certified implicit hyper-gradient
@@ -56,7 +61,7 @@ from modalimmune_jax.methods.plain import supervised_loss
 from modalimmune_jax.schema import Key
 
 __all__ = ["Settings", "ModalImmuneState", "HyperStats", "constrain", "unconstrain",
-           "hyper_batches", "bhgd_objectives", "modalimmune", "SPEC"]
+           "hyper_batches", "controller_batch", "bhgd_objectives", "modalimmune", "SPEC"]
 
 META = ("lambda", "kappa", "eta", "mu")
 INTERVENTIONS = ("collapse", "drop", "drop_cells")
@@ -107,6 +112,14 @@ class Settings(NamedTuple):
   ctrl_explore: Annotated[float, Key(
       "ours: exploration floor, every modality keeps at least 0.1 / M",
       within="[0, 1]")] = 0.1
+  ctrl_data: Annotated[str, Key(
+      "METHOD.md part 3 measures \"on the batch\"; ours (issue 22): a fixed batch of the "
+      "valid split, as BHGD's outer batches, since training-batch gains vanish once the "
+      "training loss is near zero (`train`: the step's batch, as before)",
+      choices=("valid", "train"))] = "valid"
+  ctrl_batch_size: Annotated[int, Key(
+      "ours: the fixed held-out controller batch (`ctrl_data` valid), the whole valid split "
+      "when smaller", within="(0, inf)", integer=True)] = 256
   # curvature-aware masking of the destructive gradient
   curvature_mask: Annotated[bool, Key(
       "METHOD.md part 4: curvature-aware masking of the destructive update")] = True
@@ -136,8 +149,10 @@ class Settings(NamedTuple):
       "METHOD.md part 5 (CG needs about sqrt(kappa) products where Neumann needs kappa; "
       "the same certificate)", choices=("cg", "neumann"))] = "cg"
   hyper_terms: Annotated[int, Key(
-      "ours: CG steps per solve; with `hyper_tol`, the most it may take",
-      within="(0, inf)")] = 20
+      "ours: CG steps per solve; with `hyper_tol`, the most it may take (a cap of 20 left "
+      "every synthetic hyper-step uncertified within tolerance, hence rejected; they need "
+      "28-35 steps, mfeat about 8)",
+      within="(0, inf)")] = 100
   hyper_tol: Annotated[float, Key(
       "ours: the solve stops at the first step whose certified bound is within "
       "`hyper_tol * norm(g)` of the hyper-gradient `g` (0: always `hyper_terms` steps); a "
@@ -177,13 +192,14 @@ class HyperStats(NamedTuple):
 
 class ModalImmuneState(NamedTuple):
   """Method state: controller, meta-parameters, their optimiser, BHGD statistics,
-  and the fixed hyper-gradient batches (constant; kept so a step is a pure
-  function of the state)."""
+  and the fixed hyper-gradient and controller batches (constant; kept so a step
+  is a pure function of the state)."""
   controller: ctrl.ControllerState
   phi: dict
   hyper_opt_state: Any
   hyper: HyperStats
   hyper_data: Any
+  ctrl_data: Any = ()
 
 
 def constrain(phi: dict) -> dict:
@@ -221,6 +237,19 @@ def hyper_batches(dataset, size: int, seed: int, removals: str = "drop_one",
   val = jax.tree.map(lambda *xs: np.stack(xs), *batches)
   drop_index = lambda b: {k: v for k, v in b.items() if k != "index"}
   return drop_index(tr), drop_index(val)
+
+
+def controller_batch(dataset, size: int, seed: int) -> dict:
+  """The controller's fixed held-out batch: ``size`` samples of the valid split
+  (all of it when smaller), every modality present, drawn once from ``seed``.
+
+  Example:
+    >>> b = controller_batch(dataset, 256, seed=0)  # b["presence"].shape == (256, M)
+  """
+  valid = dataset.splits["valid"]
+  rng = np.random.default_rng([seed, 11])
+  rows = rng.choice(valid.num_samples, min(size, valid.num_samples), replace=False)
+  return {k: v for k, v in valid.batch(np.sort(rows)).items() if k != "index"}
 
 
 def _intervention_hook(mode, destroy, target, kappa, axis_name, keep=None):
@@ -285,7 +314,8 @@ def bhgd_objectives(model: ModelFns, settings: Settings) -> tuple[GaussNewton, A
 
 def modalimmune(model: ModelFns, settings: Settings = Settings(),
                 hyper_data: tuple[dict, dict] | None = None,
-                reconstruction_weight: float = 1.0, seed: int = 0) -> Method:
+                reconstruction_weight: float = 1.0, seed: int = 0,
+                ctrl_data: dict | None = None) -> Method:
   """The ModalImmune training method.
 
   Args:
@@ -295,6 +325,8 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
       :func:`hyper_batches`; needed when ``settings.bhgd``.
     reconstruction_weight: the initial ``mu`` (the generator's loss weight).
     seed: the curvature mask's probe seed.
+    ctrl_data: the controller's fixed held-out batch (:func:`controller_batch`);
+      needed when ``settings.controller`` and ``settings.ctrl_data == "valid"``.
 
   Returns:
     A :class:`~modalimmune_jax.methods.base.Method`.
@@ -304,6 +336,9 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
     raise ValueError(f"intervention must be one of {INTERVENTIONS}, got {s.intervention!r}")
   if s.bhgd and hyper_data is None:
     raise ValueError("bhgd needs hyper_data (see hyper_batches)")
+  held_out = s.controller and s.ctrl_data == "valid"
+  if held_out and ctrl_data is None:
+    raise ValueError("ctrl_data='valid' needs the controller batch (see controller_batch)")
   names, m = model.names, len(model.names)
   hyper_opt = optax.adam(s.hyper_lr)
   phi0 = unconstrain(s.collapse_weight, s.kappa, s.eta, reconstruction_weight)
@@ -323,7 +358,8 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
                        jnp.zeros([], jnp.int32), zero, zero, jnp.zeros([], bool),
                        jnp.zeros([], bool), jnp.zeros([], bool), meta, meta)
     data = jax.tree.map(jnp.asarray, hyper_data) if s.bhgd else ()
-    return ModalImmuneState(ctrl.init(m), phi0, hyper_opt.init(phi0), stats, data)
+    held = jax.tree.map(jnp.asarray, ctrl_data) if held_out else ()
+    return ModalImmuneState(ctrl.init(m), phi0, hyper_opt.init(phi0), stats, data, held)
 
   def loss(params, state, batch, rng, axis_name=None):
     meta = constrain(state.phi)
@@ -429,13 +465,17 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
     return refresh_masks(opt_state, params, objective, **mask_settings), state, {}
 
   def measure(params, opt_state, state, batch, rng, step, axis_name=None):
+    # held out: every device holds the whole fixed batch (as BHGD's), so the gains
+    # are already the global batch's and equal on every device
+    data = state.ctrl_data if held_out else batch
+
     def loss_of(keep):
-      b = remove_modalities(batch, keep, names)
+      b = remove_modalities(data, keep, names)
       return model.task_loss(model.apply(params, b, None, train=False)["outputs"],
                              b["labels"])
     ig = ctrl.information_gain(loss_of, m)
     c = ctrl.update(state.controller, ig, decay=s.ctrl_decay, tau=s.ctrl_tau,
-                    explore=s.ctrl_explore, axis_name=axis_name)
+                    explore=s.ctrl_explore, axis_name=None if held_out else axis_name)
     state = state._replace(controller=c)
     return opt_state, state, state_metrics(state)
 
@@ -487,7 +527,9 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
 def from_config(s: Settings, config, model: ModelFns, dataset) -> Method:
   data = (hyper_batches(dataset, s.hyper_batch_size, config.seed, s.hyper_removals,
                         s.hyper_missing_rates) if s.bhgd else None)
-  return modalimmune(model, s, data, config.method.reconstruction_weight, config.seed)
+  held = (controller_batch(dataset, s.ctrl_batch_size, config.seed)
+          if s.controller and s.ctrl_data == "valid" else None)
+  return modalimmune(model, s, data, config.method.reconstruction_weight, config.seed, held)
 
 
 SPEC = MethodSpec(

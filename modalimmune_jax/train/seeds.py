@@ -104,8 +104,8 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int],
 
 def _seed_dependent_data(config: ml_collections.ConfigDict) -> bool:
   """Whether :func:`~modalimmune_jax.build.load_data` draws the data from
-  ``config.seed`` (synthetic)."""
-  return config.data.name == "synthetic"
+  ``config.seed`` (synthetic with ``data.synthetic.seed = -1``)."""
+  return config.data.name == "synthetic" and config.data.synthetic.get("seed", -1) < 0
 
 
 def _values(x) -> np.ndarray:
