@@ -19,15 +19,48 @@ train one after the other, reusing the step the tuning trials compiled;
 a new program to compile, which on a 2-core CPU cost more than it saved
 (experiments/README.md, "End to end").
 
-Writes ``comparison.md`` (tables: mean and standard deviation over seeds),
-``comparison.json`` (every number, the chosen settings, the validation scores
-of every trial, the provenance of every run), ``comparison.png`` and, when the
+Writes ``comparison.md``, ``comparison.json``, ``comparison.png`` and, when the
 protocol has cell-eta conditions (``eval.cell_etas``), ``cell_eta.png`` (the
-robustness curves); a linear
-reference (:mod:`modalimmune_jax.reference`) on the same protocol is printed
-beside the table. ``--ablation`` compares a method (``--ablation_method``,
-ModalImmune by default) with each part switched off in turn (its spec's
-``ablations``) instead of methods.
+robustness curves, mean ± std over seeds). ``--ablation`` compares a method
+(``--ablation_method``, ModalImmune by default) with each part switched off in
+turn (its spec's ``ablations``) instead of methods.
+
+* **Tables** (``comparison.md``): mean ± standard deviation over seeds, with
+  two linear models beside (:mod:`modalimmune_jax.reference`, fitted on the
+  data of the config's ``seed``, skipped with ``--noreference``): the *linear reference*
+  (one model on every modality, a removed modality arriving zeroed) and the
+  *specialist (linear, refit per subset)*, the reference refitted on each
+  subset of modalities with ``C`` chosen on valid per subset, every test sample
+  scored by the specialist of the modalities it has under the protocol's own
+  mask draws (``eval.seed``, ``eval.draws``); frame-rate and noise conditions
+  have no specialist (every modality stays present, degraded). The 63
+  subsets of mfeat's 6 views take about 15 s (2-core CPU), so nothing is cached.
+* **Paired differences**: every method against ``plain`` and against
+  ``dropout`` (those of them in the comparison; an ablation's: its first row),
+  per condition and ``mean missing``: the mean over the seeds both have of
+  (method - baseline) on the same seed, with a 95 % interval, t over seeds,
+  paired by seed (:func:`paired_differences`; no interval with one seed). The
+  markdown gives a headline table (full and mean missing, against each
+  baseline; in points for accuracy-like metrics, the metric's own units
+  otherwise; bold where the interval excludes 0; lower-is-better metrics keep
+  the sign method - baseline) and every condition against dropout, with the
+  specialist's headroom (specialist - the baseline's mean) beside.
+* **Figure** (``comparison.png``, about 7 x 9.5 inches at 150 dpi for mfeat):
+  one column per baseline (method - plain, method - dropout), one block per
+  condition group (full; drop one; keep one; random missing rates; cell eta;
+  sample eta; frame rates; noise; mean missing: those present), each method a
+  marker at its mean paired difference with a horizontal bar over its 95 %
+  interval (filled where it excludes 0), a vertical line at 0, every block on
+  its own x scale in points, the specialist's headroom as a grey tick
+  (:func:`modalimmune_jax.plots.plot_paired_differences`).
+* **JSON** (``comparison.json``): every number: ``aggregate`` (label ->
+  condition -> mean, std, values, seeds), ``paired`` (baseline -> method ->
+  condition -> mean, lo, hi, n, seeds; in the metric's stored units,
+  accuracies as fractions) with ``paired_how``, ``specialist`` (rows,
+  mean_missing, skipped conditions, C per subset, fit seconds), ``headroom``
+  (baseline -> condition -> specialist - baseline mean), ``reference``, the
+  chosen settings, the validation scores of every trial, the provenance of
+  every run.
 """
 
 from __future__ import annotations
@@ -50,7 +83,8 @@ flags.DEFINE_bool("tune", True, "Spend the tuning budget (each method's search s
 flags.DEFINE_bool("ablation", False, "Compare the ablation rows of --ablation_method instead.")
 flags.DEFINE_string("ablation_method", "modalimmune", "The method whose ablation rows "
                     "(MethodSpec.ablations) --ablation compares.")
-flags.DEFINE_bool("reference", True, "Fit and print the linear reference.")
+flags.DEFINE_bool("reference", True, "Fit and print the linear reference and the per-subset "
+                  "specialists (headroom).")
 flags.DEFINE_bool("together", False, "Train the seeds of a method as one vmapped program "
                   "(train.train_seeds) where the method allows it; per-seed work directories "
                   "either way.")
@@ -133,27 +167,153 @@ def dominant_modality(dataset, agg: dict, lower_is_better: bool) -> tuple[str | 
 
 
 def aggregate(records: dict[str, list[dict]], metric: str) -> dict:
-  """Per label and condition: mean, std, values over seeds; plus the missing mean."""
+  """Per label and condition: mean, std, values over seeds and the seed of each
+  value (``seeds``: each run's ``config.seed``, else its place); plus the
+  missing mean."""
   import numpy as np
   out = {}
   for label, runs in records.items():
     conds = [r["condition"] for r in runs[0]["protocol"]["rows"]]
     kinds = {c["name"]: c["kind"] for c in runs[0]["protocol"]["meta"]["conditions"]}
+    seeds = [run.get("config", {}).get("seed", i) for i, run in enumerate(runs)]
     table = {}
     for c in conds:
       vals = [next(r for r in run["protocol"]["rows"] if r["condition"] == c)[metric]
               for run in runs]
       vals = [np.nan if v is None else v for v in vals]
       table[c] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1))
-                  if len(vals) > 1 else 0.0, "values": vals, "kind": kinds[c]}
+                  if len(vals) > 1 else 0.0, "values": vals, "seeds": seeds, "kind": kinds[c]}
     missing = [c for c in conds if kinds[c] in MISSING_KINDS]
     per_seed = [float(np.mean([table[c]["values"][i] for c in missing]))
                 for i in range(len(runs))]
     table["mean missing"] = {"mean": float(np.mean(per_seed)),
                              "std": float(np.std(per_seed, ddof=1)) if len(runs) > 1 else 0.0,
-                             "values": per_seed, "kind": "summary"}
+                             "values": per_seed, "seeds": seeds, "kind": "summary"}
     out[label] = table
   return out
+
+
+# The baselines every method is paired with, where they are compared (the first
+# row when neither is: an ablation's full method).
+PAIRED_BASELINES = ("plain", "dropout")
+LEVEL = 0.95
+PAIRED_HOW = "t over seeds, paired by seed"
+
+
+def paired_interval(diffs, level: float = LEVEL) -> dict:
+  """Mean of paired differences and its Student-t interval over them:
+  ``{"mean", "lo", "hi", "n"}``, the interval ``mean ± t.ppf((1 + level) / 2,
+  n - 1) * sd / sqrt(n)`` (``sd`` with ``ddof=1``); ``lo``/``hi`` None with one
+  difference, and ``mean`` too with none.
+
+  Example:
+    >>> paired_interval([0.01, 0.03, 0.02])["lo"]   # 0.02 - 4.303 * 0.01 / sqrt(3)
+    -0.0048...
+  """
+  import numpy as np
+  from scipy import stats
+  d = np.asarray(diffs, np.float64).reshape(-1)
+  n = len(d)
+  if n == 0:
+    return {"mean": None, "lo": None, "hi": None, "n": 0}
+  mean = float(d.mean())
+  if n == 1:
+    return {"mean": mean, "lo": None, "hi": None, "n": 1}
+  half = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
+  return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def _by_seed(entry: dict) -> dict:
+  """Seed -> finite value of an aggregate entry (``seeds``, else the places)."""
+  import numpy as np
+  seeds = entry.get("seeds") or list(range(len(entry["values"])))
+  return {s: float(v) for s, v in zip(seeds, entry["values"])
+          if v is not None and np.isfinite(v)}
+
+
+def paired_differences(agg: dict, baseline: str, level: float = LEVEL) -> dict:
+  """Every other label's paired difference to ``baseline``: ``{label: {row:
+  {"mean", "lo", "hi", "n", "seeds"}}}`` over every row both have (each
+  condition and ``mean missing``), the differences ``label - baseline`` on the
+  seeds both have a finite value for (:func:`paired_interval`; ``seeds``: the
+  ones paired). Lower-is-better metrics keep this sign.
+
+  Example:
+    >>> d = paired_differences(aggregate(records, "accuracy"), "plain")["dropout"]["full"]
+    >>> d["lo"] > 0   # dropout better than plain on full, 95 % interval excluding 0
+  """
+  base = agg[baseline]
+  out = {}
+  for label, table in agg.items():
+    if label == baseline:
+      continue
+    rows = {}
+    for row, entry in table.items():
+      if row not in base:
+        continue
+      b, m = _by_seed(base[row]), _by_seed(entry)
+      common = [s for s in m if s in b]
+      rows[row] = dict(paired_interval([m[s] - b[s] for s in common], level), seeds=common)
+    out[label] = rows
+  return out
+
+
+def paired_baselines(labels) -> list[str]:
+  """The baselines of :data:`PAIRED_BASELINES` among ``labels``, else the first."""
+  labels = list(labels)
+  return [b for b in PAIRED_BASELINES if b in labels] or labels[:1]
+
+
+def condition_groups(conditions: list[dict], num_modalities: int) -> list[tuple[str, list[str]]]:
+  """The figure's blocks: ``(group, condition names)`` in the order first met,
+  then ``("mean missing", ["mean missing"])``. ``conditions``: the protocol's
+  ``meta["conditions"]`` (name, kind, params); removals go to "drop one" (all
+  but one kept), "keep one" (one kept; with two modalities both), "keep k of M".
+  """
+  named = {"full": "full", "random_missing": "random missing rate",
+           "cell_missing": "cell eta", "sample_missing": "sample eta",
+           "frame_missing": "frame missing rate", "gaussian_noise": "noise"}
+  groups: dict[str, list[str]] = {}
+  for c in conditions:
+    if c["kind"] == "removal":
+      kept = (c.get("params") or {}).get("kept") or c["name"].removesuffix(" only").split("+")
+      k = len(kept)
+      group = ("keep one" if k == 1 else "drop one" if k == num_modalities - 1
+               else f"keep {k} of {num_modalities}")
+    else:
+      group = named.get(c["kind"], c["kind"])
+    groups.setdefault(group, []).append(c["name"])
+  return list(groups.items()) + [("mean missing", ["mean missing"])]
+
+
+def specialist_summary(result, metric: str, seed: int, kinds: dict) -> dict:
+  """The JSON of a :meth:`~modalimmune_jax.reference.Specialists.evaluate`
+  result: ``rows`` (condition -> ``metric``), ``mean_missing`` over the
+  missing-modality conditions it has (``mean_missing_over``;
+  ``mean_missing_complete``: whether that is every one the methods' mean
+  covers), ``skipped`` (condition -> why), ``C`` per subset, ``subsets`` fitted,
+  ``fit_seconds`` in all, ``seed`` of the data."""
+  rows = {n: v[metric] for n, v in result.rows}
+  over = [n for n in rows if kinds[n] in MISSING_KINDS]
+  missing_all = [n for n, k in kinds.items() if k in MISSING_KINDS]
+  model = result.meta["model"]
+  return {"rows": rows,
+          "mean_missing": float(sum(rows[n] for n in over) / len(over)) if over else None,
+          "mean_missing_over": over, "mean_missing_complete": len(over) == len(missing_all),
+          "skipped": result.meta["skipped"], "C": model["C"], "subsets": len(model["C"]),
+          "fit_seconds": float(sum(model["seconds"].values())), "seed": seed}
+
+
+def headroom(agg: dict, specialist: dict | None, baselines) -> dict:
+  """``{baseline: {row: specialist - the baseline's mean}}`` for every row the
+  specialist has (``mean missing`` only when it covers every condition)."""
+  if not specialist:
+    return {}
+  rows = dict(specialist["rows"])
+  if specialist["mean_missing_complete"] and specialist["mean_missing"] is not None:
+    rows["mean missing"] = specialist["mean_missing"]
+  return {b: {r: v - agg[b][r]["mean"] for r, v in rows.items() if r in agg[b]}
+          for b in baselines}
 
 
 def _label(row: str) -> str:
@@ -171,14 +331,91 @@ def _cell(entry: dict, scale: float) -> str:
   return f"{scale * entry['mean']:.2f} ± {scale * entry['std']:.2f}"
 
 
+_MINUS = "\u2212"
+
+
+def _signed(x: float, digits: int = 2) -> str:
+  """``+0.42`` / ``\u22120.10`` (a typographic minus; a rounded zero is +0.00)."""
+  x = 0.0 if abs(x) < 0.5 * 10.0 ** -digits else x
+  return f"{x:+.{digits}f}".replace("-", _MINUS)
+
+
+def _paired_cell(entry: dict | None, scale: float, num_seeds: int) -> str:
+  """``+0.42 [−0.10, +0.94]``, bold where the interval excludes 0, ``(n=k)``
+  where fewer seeds than the comparison's were paired."""
+  if not entry or entry["mean"] is None:
+    return "n/a"
+  text = _signed(scale * entry["mean"])
+  lo, hi = entry["lo"], entry["hi"]
+  if lo is not None:
+    text += f" [{_signed(scale * lo)}, {_signed(scale * hi)}]"
+    if lo > 0 or hi < 0:
+      text = f"**{text}**"
+  return text + (f" (n={entry['n']})" if entry["n"] != num_seeds else "")
+
+
+SPECIALIST = "specialist (linear, refit per subset)"
+
+
+def _paired_tables(agg: dict, metric: str, paired: dict, room: dict, specialist: dict | None,
+                   num_seeds: int) -> list[str]:
+  """The markdown of the paired differences: the headline table (every method x
+  {full, mean missing} x baseline) and every condition against dropout (or the
+  first baseline)."""
+  from modalimmune_jax.plots import percent_scale
+  from modalimmune_jax.reference import LOWER_IS_BETTER
+  scale = percent_scale(metric)
+  unit = "percentage points" if scale != 1.0 else f"{metric}'s own units"
+  labels, bases = list(agg), list(paired)
+  head = ["full", "mean missing"]
+  lines = ["", "## Paired differences", "",
+           f"Method − baseline on the same seed, averaged over the seeds both have, with a "
+           f"{100 * LEVEL:g} % confidence interval: {PAIRED_HOW} (mean ± t(0.975, n−1) · sd / "
+           f"√n; no interval with one seed), in {unit}. **Bold**: the interval excludes 0; "
+           "(n=k): only k seeds in common."
+           + (f" {metric} is lower-is-better: the sign stays method − baseline, so a negative "
+              "difference favours the method." if metric in LOWER_IS_BETTER else "")
+           + (f" '{SPECIALIST}': the specialist's score minus the baseline's mean over seeds "
+              "(one fit, no interval): the headroom." if specialist else ""), "",
+           "| method | " + " | ".join(f"{c} − {b}" for b in bases for c in head) + " |",
+           "|---|" + "---:|" * (len(head) * len(bases))]
+  for label in labels:
+    cells = ["—" if label == b else _paired_cell(paired[b][label].get(c), scale, num_seeds)
+             for b in bases for c in head]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  if room:
+    cells = [_signed(scale * room[b][c]) if c in room[b] else "" for b in bases for c in head]
+    lines.append(f"| {SPECIALIST} | " + " | ".join(cells) + " |")
+  base = "dropout" if "dropout" in bases else bases[0]
+  others = [lab for lab in labels if lab != base]
+  rows = [c for c in agg[base] if c != "mean missing"] + ["mean missing"]
+  lines += ["", f"Every condition, method − {base} ({unit}, {100 * LEVEL:g} % interval, "
+            f"{PAIRED_HOW})" + (f"; last column: the specialist's headroom over {base} "
+                                f"(specialist − {base}'s mean)" if room else "") + ":", "",
+            "| condition | " + " | ".join(others) + (f" | specialist − {base}" if room else "")
+            + " |", "|---|" + "---:|" * (len(others) + bool(room))]
+  for c in rows:
+    cells = [_paired_cell(paired[base][lab].get(c), scale, num_seeds) for lab in others]
+    if room:
+      cells.append(_signed(scale * room[base][c]) if c in room[base] else "")
+    lines.append(f"| {c} | " + " | ".join(cells) + " |")
+  return lines
+
+
 def render(agg: dict, metric: str, *, title: str, dominant: str | None,
            reference: dict | None, runs_info: dict, chosen: dict,
-           costs: dict | None = None) -> str:
+           costs: dict | None = None, specialist: dict | None = None,
+           paired: dict | None = None, room: dict | None = None) -> str:
+  """``comparison.md``: the headline table (mean ± std over seeds, the linear
+  reference and the specialist beside), the paired differences
+  (:func:`paired_differences`) when ``paired``, every condition, the tuning and
+  the step costs. ``room``: :func:`headroom`."""
+  from modalimmune_jax.plots import percent_scale
   labels = list(agg)
   first = agg[labels[0]]
   conds = [c for c in first if c != "mean missing"]
-  scale = 1.0 if metric == "MAE" else 100.0
-  unit = "" if metric == "MAE" else " (%)"
+  scale = percent_scale(metric)
+  unit = "" if scale == 1.0 else " (%)"
   drop_dom = None
   if dominant is not None:
     name = removal_name([m for m in runs_info["modalities"] if m != dominant])
@@ -202,10 +439,42 @@ def render(agg: dict, metric: str, *, title: str, dominant: str | None,
       cells.append(f"{scale * ref[drop_dom]:.2f}")
     lines.append(f"| linear reference (seed-{reference['seed']} data, C={reference['C']:g}) | "
                  + " | ".join(cells) + " |")
-  lines += ["", "Every condition:", "", "| condition | " + " | ".join(labels) + " |",
-            "|---|" + "---:|" * len(labels)]
+  partial = specialist is not None and not specialist["mean_missing_complete"]
+  if specialist is not None:
+    spec = specialist["rows"]
+    value = lambda v: "" if v is None else f"{scale * v:.2f}"
+    cells = [value(spec.get("full")),
+             value(specialist["mean_missing"]) + ("†" if partial else "")]
+    if drop_dom:
+      cells.append(value(spec.get(drop_dom)))
+    lines.append(f"| {SPECIALIST[:-1]}; seed-{specialist['seed']} data) | "
+                 + " | ".join(cells) + " |")
+    lines += ["", f"{SPECIALIST}: the linear reference refitted on each subset of modalities "
+              "(C chosen on valid for each subset, from the same grid); under a condition "
+              "every test sample is scored by the specialist of exactly the modalities it "
+              "has, under the protocol's own masks (eval.seed, draws): removals by their "
+              "subset's specialist, random conditions sample by sample. "
+              f"{specialist['subsets']} subsets fitted, {specialist['fit_seconds']:.1f} s."
+              + (" No specialist for frame-rate and noise conditions (left blank): every "
+                 "modality stays present there, degraded, so no subset's model applies."
+                 if specialist["skipped"] else "")
+              + (f" †: its mean over the {len(specialist['mean_missing_over'])} missing-"
+                 "modality conditions it has (the frame-rate conditions have none), not "
+                 "comparable with the methods' mean missing." if partial else "")]
+  if paired:
+    lines += _paired_tables(agg, metric, paired, room or {}, specialist,
+                            len(runs_info["seeds"]))
+  spec_rows = (specialist or {}).get("rows", {})
+  lines += ["", "Every condition:", "", "| condition | " + " | ".join(labels)
+            + (" | specialist" if specialist else "") + " |",
+            "|---|" + "---:|" * (len(labels) + bool(specialist))]
   for c in conds + ["mean missing"]:
-    lines.append(f"| {c} | " + " | ".join(_cell(agg[lab][c], scale) for lab in labels) + " |")
+    cells = [_cell(agg[lab][c], scale) for lab in labels]
+    if specialist:
+      v = specialist["mean_missing"] if c == "mean missing" else spec_rows.get(c)
+      cells.append("" if v is None else f"{scale * v:.2f}"
+                   + ("†" if partial and c == "mean missing" else ""))
+    lines.append(f"| {c} | " + " | ".join(cells) + " |")
   if chosen:
     lines += ["", "Tuning (same budget per method, first seed, valid split, selection score ="
               " mean headline metric over full + missing conditions):", ""]
@@ -224,33 +493,6 @@ def render(agg: dict, metric: str, *, title: str, dominant: str | None,
             f"- commit: {runs_info['commit']}{' (dirty)' if runs_info['dirty'] else ''}",
             f"- machine: {runs_info['machine']}", ""]
   return "\n".join(lines)
-
-
-def plot(agg: dict, metric: str, path: str, title: str) -> str:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import numpy as np
-  labels = list(agg)
-  conds = list(agg[labels[0]])
-  scale = 1.0 if metric == "MAE" else 100.0
-  width = 0.8 / len(labels)
-  fig, ax = plt.subplots(figsize=(9.5, 0.9 + 0.3 * len(conds) * max(1, 0.6 * len(labels))))
-  y = np.arange(len(conds))
-  for i, label in enumerate(labels):
-    means = [scale * agg[label][c]["mean"] for c in conds]
-    stds = [scale * agg[label][c]["std"] for c in conds]
-    ax.barh(y + (i - (len(labels) - 1) / 2) * width, means, height=width, xerr=stds,
-            label=label, capsize=2)
-  ax.set_yticks(y, conds, fontsize=8)
-  ax.set_ylim(len(conds) - 0.5, -0.5)
-  ax.set_xlabel(f"{metric} (mean ± std over seeds)")
-  ax.set_title(title, fontsize=10)
-  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
 
 
 def seconds_per_step(record: dict) -> float | None:
@@ -350,9 +592,9 @@ def main(argv) -> int:
     records[label] = run_seeds(cfg, seeds, [seed_dir(label, s) for s in seeds], FLAGS.together)
 
   agg = aggregate(records, metric)
-  reference = None
+  reference = specialist = None
   if FLAGS.reference:
-    from modalimmune_jax.reference import fit_linear_reference
+    from modalimmune_jax.reference import Specialists, fit_linear_reference
     ref = fit_linear_reference(dataset)
     split = dataset.splits[base.eval.split]
     conds = train.eval_conditions(base, dataset.modality_names)
@@ -362,6 +604,14 @@ def main(argv) -> int:
     missing = [rows_ref[n] for n in rows_ref if kinds[n] in MISSING_KINDS]
     reference = {"C": ref.C, "seed": base.seed, "valid_score": ref.valid_score, "rows": rows_ref,
                  "mean_missing": float(sum(missing) / max(len(missing), 1))}
+    specialist = specialist_summary(Specialists(dataset).evaluate(split, conds,
+                                                                  seed=base.eval.seed),
+                                    metric, base.seed, kinds)
+  bases = paired_baselines(agg)
+  paired = {b: paired_differences(agg, b) for b in bases}
+  room = headroom(agg, specialist, bases)
+  groups = condition_groups(next(iter(records.values()))[0]["protocol"]["meta"]["conditions"],
+                            len(dataset.modality_names))
   prov = provenance(seeds=seeds)
   info = {"seeds": seeds, "split": base.eval.split, "command": prov["command"],
           "commit": prov["commit"], "dirty": prov["dirty"],
@@ -373,8 +623,20 @@ def main(argv) -> int:
   dominant, info["dominant_how"] = dominant_modality(dataset, agg, metric == "MAE")
   costs = step_costs(chosen)
   md = render(agg, metric, title=title, dominant=dominant, reference=reference,
-              runs_info=info, chosen=chosen, costs=costs)
-  out = {"metric": metric, "title": title, "aggregate": agg, "chosen": chosen,
+              runs_info=info, chosen=chosen, costs=costs, specialist=specialist,
+              paired=paired, room=room)
+  from modalimmune_jax.reference import LOWER_IS_BETTER
+  out = {"metric": metric, "title": title, "aggregate": agg,
+         "paired": paired,
+         "paired_how": {"difference": "method - baseline on the same seed, mean over the "
+                                      "seeds both have (seeds: those paired)",
+                        "interval": f"{100 * LEVEL:g}% Student t over seeds, paired by seed: "
+                                    "mean ± t.ppf(0.975, n-1) * sd / sqrt(n) (sd ddof=1); "
+                                    "lo/hi null with one seed",
+                        "units": f"{metric} as stored (accuracies as fractions)",
+                        "lower_is_better": metric in LOWER_IS_BETTER},
+         "specialist": specialist, "headroom": room,
+         "chosen": chosen,
          "step_costs": costs, "together": FLAGS.together,
          "wall_seconds": time.perf_counter() - started,
          "dominant": dominant, "dominant_how": info["dominant_how"],
@@ -386,7 +648,10 @@ def main(argv) -> int:
     f.write(md)
   with open(os.path.join(FLAGS.workdir, "comparison.json"), "w") as f:
     json.dump(out, f, indent=2, default=float)
-  plot(agg, metric, os.path.join(FLAGS.workdir, "comparison.png"), title)
+  from modalimmune_jax.plots import plot_paired_differences
+  plot_paired_differences(paired, metric, os.path.join(FLAGS.workdir, "comparison.png"),
+                          f"{title}: paired differences, seeds {seeds}", groups,
+                          headroom=room, level=LEVEL, methods=list(agg))
   curves = cell_eta_curves(agg, records)
   if curves:
     from modalimmune_jax.plots import robustness_curves

@@ -19,13 +19,25 @@ protocol: a removed modality arrives zeroed with its frame mask cleared, its
 feature block is then zero *before* standardisation, i.e. the reference sees
 what the protocol hands it and imputes nothing.
 
+A *specialist* (:class:`Specialists`) is the same reference refitted on each
+subset of modalities (``C`` chosen on valid for each subset, same grid): under a
+missing-modality condition every sample is routed to the specialist of exactly
+the modalities it has (``batch["presence"]``), which is the headroom of a method
+that has to cope with one model for every pattern. Only conditions that remove
+whole modalities have a specialist (:data:`SPECIALIST_KINDS`); frame-rate and
+noise conditions degrade a modality that is still present, so no subset model
+applies to them.
+
 scikit-learn (the ``test`` extra, not a core dependency) is imported when a
 reference is fitted, not when this module is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
+import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -39,12 +51,19 @@ __all__ = [
     "features",
     "LinearReference",
     "fit_linear_reference",
+    "SPECIALIST_KINDS",
+    "Specialists",
 ]
 
 # Metrics for which a smaller value is better (every other one: larger).
 LOWER_IS_BETTER = frozenset({"MAE"})
 
 _MAX_ITER = 2000
+
+# Condition kinds under which a sample's available modalities are a subset of
+# whole modalities (what a specialist is fitted on); frame-rate and noise
+# conditions degrade modalities that stay present.
+SPECIALIST_KINDS = ("full", "removal", "random_missing", "cell_missing", "sample_missing")
 
 
 def features(split_or_batch: MultimodalSplit | Mapping[str, Any],
@@ -102,6 +121,17 @@ def _sklearn():
     raise ImportError("the linear reference needs scikit-learn>=1.5 "
                       "(pip install 'scikit-learn>=1.5')") from e
   return LogisticRegression, Ridge, StandardScaler
+
+
+def _one_thread():
+  """A context in which BLAS runs on one thread (threadpoolctl, a scikit-learn
+  dependency; a no-op without it). The fits here are small: on a busy 2-core
+  machine a multi-threaded BLAS made them 20-80x slower (mfeat, issue 22)."""
+  try:
+    from threadpoolctl import threadpool_limits
+  except ImportError:
+    return contextlib.nullcontext()
+  return threadpool_limits(limits=1, user_api="blas")
 
 
 def _fit_one(task: str, x: np.ndarray, labels: np.ndarray, c: float, seed: int) -> Any:
@@ -205,8 +235,9 @@ class LinearReference:
       ...                       protocol.standard_conditions(ds.modality_names))
       >>> result.get("full")["accuracy"]
     """
-    result = protocol.evaluate(self.predict, split, conditions,
-                               batch_size=batch_size, seed=seed)
+    with _one_thread():
+      result = protocol.evaluate(self.predict, split, conditions,
+                                 batch_size=batch_size, seed=seed)
     result.meta["model"] = {"name": "linear reference", "C": self.C,
                             "selected_by": f"valid {self.metric}",
                             "valid_score": self.valid_score}
@@ -215,7 +246,8 @@ class LinearReference:
 
 def fit_linear_reference(dataset: MultimodalDataset, *,
                          Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), seed: int = 0,
-                         metric: str | None = None) -> LinearReference:
+                         metric: str | None = None,
+                         modalities: Sequence[str] | None = None) -> LinearReference:
   """Fits the linear reference on train and picks ``C`` on valid.
 
   Only the ``train`` and ``valid`` splits are read. Every candidate is fitted on
@@ -229,6 +261,9 @@ def fit_linear_reference(dataset: MultimodalDataset, *,
       are deterministic anyway).
     metric: the selection metric (default ``HEADLINE[task]``; lower is better
       for those in :data:`LOWER_IS_BETTER`).
+    modalities: the modalities the model reads (default: all, in the data
+      set's order); the others are ignored, on train, valid and whatever
+      :meth:`LinearReference.predict` is handed (a specialist, :class:`Specialists`).
 
   Example:
     >>> ds = make_synthetic((400, 100, 200), seed=0)
@@ -238,8 +273,23 @@ def fit_linear_reference(dataset: MultimodalDataset, *,
   Cs = tuple(float(c) for c in Cs)
   if not Cs or not all(np.isfinite(c) and c > 0 for c in Cs):
     raise ValueError(f"Cs must be non-empty positive numbers, got {Cs!r}")
-  task, names = dataset.task, dataset.modality_names
+  task, names = dataset.task, tuple(dataset.modality_names)
+  if modalities is not None:
+    wanted = tuple(modalities)
+    unknown = [m for m in wanted if m not in names]
+    if not wanted or unknown or len(set(wanted)) != len(wanted):
+      raise ValueError(f"modalities must be distinct modalities of the data set {names}, "
+                       f"got {wanted!r}")
+    names = tuple(m for m in names if m in wanted)  # the data set's order
   metric = metric or HEADLINE[task]
+  with _one_thread():
+    return _fit(dataset, Cs, seed, metric, names)
+
+
+def _fit(dataset: MultimodalDataset, Cs: tuple[float, ...], seed: int, metric: str,
+         names: tuple[str, ...]) -> LinearReference:
+  """:func:`fit_linear_reference` on the modalities ``names`` (checked)."""
+  task = dataset.task
   train, valid = dataset.splits["train"], dataset.splits["valid"]
   scaler = _sklearn()[2]().fit(features(train, names))
   x_train = scaler.transform(features(train, names))
@@ -260,3 +310,110 @@ def fit_linear_reference(dataset: MultimodalDataset, *,
   return LinearReference(task=task, modality_names=names, num_outputs=dataset.num_outputs,
                          scaler=scaler, estimator=estimator, C=c, metric=metric,
                          valid_score=scores[c], scores=scores)
+
+
+@dataclasses.dataclass
+class Specialists:
+  """Linear references refitted per subset of modalities; every sample goes to
+  the one fitted on exactly the modalities it has (see the module docstring).
+
+  A subset's specialist is :func:`fit_linear_reference` with ``modalities=``
+  that subset (``C`` chosen on valid for each subset from ``Cs``), fitted the
+  first time a sample needs it (:meth:`get`): at most ``2^M - 1`` of them,
+  only those the evaluated conditions produce. The specialist of every
+  modality is the linear reference itself.
+
+  Attributes:
+    dataset: the data set (train and valid are read to fit).
+    Cs: candidate inverse regularisation strengths, as in
+      :func:`fit_linear_reference`.
+    seed: ``random_state`` of the estimators.
+    metric: the selection metric (default ``HEADLINE[task]``).
+    fitted: kept modalities (in the data set's order) -> their specialist.
+    seconds: kept modalities -> the seconds their fit took (every ``C``).
+
+  Example:
+    >>> spec = Specialists(ds)
+    >>> result = spec.evaluate(ds.splits["test"],
+    ...                        protocol.standard_conditions(ds.modality_names))
+    >>> spec.get(["text"]).C   # the "text only" specialist
+  """
+  dataset: MultimodalDataset
+  Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+  seed: int = 0
+  metric: str | None = None
+  fitted: dict[tuple[str, ...], LinearReference] = dataclasses.field(default_factory=dict)
+  seconds: dict[tuple[str, ...], float] = dataclasses.field(default_factory=dict)
+
+  def key(self, kept: Sequence[str]) -> tuple[str, ...]:
+    """``kept`` in the data set's modality order (checked)."""
+    names = tuple(self.dataset.modality_names)
+    kept = set(kept)
+    if not kept or not kept <= set(names):
+      raise ValueError(f"a specialist needs a non-empty subset of {names}, "
+                       f"got {sorted(kept)}")
+    return tuple(m for m in names if m in kept)
+
+  def get(self, kept: Sequence[str]) -> LinearReference:
+    """The specialist of the modalities ``kept`` (fitted now if not yet)."""
+    key = self.key(kept)
+    if key not in self.fitted:
+      start = time.perf_counter()
+      self.fitted[key] = fit_linear_reference(self.dataset, Cs=self.Cs, seed=self.seed,
+                                              metric=self.metric, modalities=key)
+      self.seconds[key] = time.perf_counter() - start
+    return self.fitted[key]
+
+  def fit_all(self) -> "Specialists":
+    """Fits every non-empty subset (``2^M - 1`` specialists); returns ``self``."""
+    names = self.dataset.modality_names
+    for size in range(len(names), 0, -1):
+      for kept in itertools.combinations(names, size):
+        self.get(kept)
+    return self
+
+  def predict(self, batch: Mapping[str, Any]) -> np.ndarray:
+    """Outputs in the model's layout, each sample's from the specialist of its
+    present modalities (``batch["presence"]``, ``(B, M)`` in the data set's
+    modality order); the absent modalities are never read."""
+    names = tuple(self.dataset.modality_names)
+    presence = np.asarray(batch["presence"], bool)
+    if presence.ndim != 2 or presence.shape[1] != len(names):
+      raise ValueError(f"presence must be (B, {len(names)}) for the modalities {names}, "
+                       f"got shape {presence.shape}")
+    if not presence.any(1).all():
+      raise ValueError("a sample without any modality has no specialist")
+    patterns, inverse = np.unique(presence, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    out = None
+    for k, pattern in enumerate(patterns):
+      rows = np.flatnonzero(inverse == k)
+      kept = [m for m, p in zip(names, pattern) if p]
+      sub = {"inputs": {m: np.asarray(batch["inputs"][m])[rows] for m in kept},
+             "masks": {m: np.asarray(batch["masks"][m])[rows] for m in kept}}
+      y = self.get(kept).predict(sub)
+      if out is None:
+        out = np.empty((len(presence),) + y.shape[1:], y.dtype)
+      out[rows] = y
+    return out
+
+  def evaluate(self, split: MultimodalSplit, conditions: Sequence[protocol.Condition],
+               *, seed: int = 0, batch_size: int = 256) -> protocol.ProtocolResult:
+    """:func:`modalimmune_jax.protocol.evaluate` with :meth:`predict` under the
+    conditions of :data:`SPECIALIST_KINDS`: the same mask draws (``seed``, each
+    condition's name and ``draws``) as any model evaluated with that ``seed``.
+    The other conditions are left out and named, with the reason, in
+    ``meta["skipped"]``; ``meta["model"]["C"]`` holds each fitted subset's
+    ``C`` (``"a+b"``), ``meta["model"]["seconds"]`` its fit time."""
+    used = [c for c in conditions if c.kind in SPECIALIST_KINDS]
+    with _one_thread():
+      result = protocol.evaluate(self.predict, split, used, batch_size=batch_size, seed=seed)
+    result.meta["skipped"] = {c.name: f"{c.kind}: every modality stays present (degraded), "
+                                      "no subset's specialist applies"
+                              for c in conditions if c.kind not in SPECIALIST_KINDS}
+    result.meta["model"] = {"name": "specialists (linear, refit per subset)",
+                            "selected_by": f"valid {next(iter(self.fitted.values())).metric}"
+                            if self.fitted else "",
+                            "C": {"+".join(k): r.C for k, r in self.fitted.items()},
+                            "seconds": {"+".join(k): t for k, t in self.seconds.items()}}
+    return result

@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import warnings
 
 import numpy as np
@@ -145,3 +146,71 @@ def test_multilabel_outputs_and_constant_label(cls_ds):
   metrics = ref.evaluate(test, [protocol.full()]).get("full")
   assert metrics["label4_acc"] == 1.0  # the constant label is predicted "no"
   assert metrics["acc_4class"] > 0.6
+
+
+def _by_hand(ds, kept, Cs=(0.01, 0.1, 1.0, 10.0)):
+  """The specialist of ``kept`` fitted with sklearn directly: (C, scaler, model)."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import StandardScaler
+
+  def feats(split):  # vector modalities: the one frame
+    return np.concatenate([split.modalities[m][:, 0, :] for m in kept], axis=1)
+  train, valid = ds.splits["train"], ds.splits["valid"]
+  scaler = StandardScaler().fit(feats(train))
+  best = None
+  for c in Cs:
+    model = LogisticRegression(C=c, max_iter=2000, random_state=0).fit(
+        scaler.transform(feats(train)), train.labels)
+    score = model.score(scaler.transform(feats(valid)), valid.labels)
+    if best is None or score > best[0]:
+      best = (score, c, model)
+  return best[1], (lambda split: best[2].predict(scaler.transform(feats(split))))
+
+
+def test_specialists_route_each_sample_to_its_subsets_model():
+  ds = make_synthetic((200, 100, 100), seed=0)
+  names = ds.modality_names
+  test = ds.splits["test"]
+  spec = reference.Specialists(ds)
+  # lazily: a fixed removal fits its subset only
+  only = spec.evaluate(test, [protocol.keep_only(["audio"])], seed=0)
+  assert list(spec.fitted) == [("audio",)]
+  c, predict = _by_hand(ds, ["audio"])
+  assert spec.get(["audio"]).C == c
+  assert only.get("audio only")["accuracy"] == np.mean(predict(test) == test.labels)
+  assert spec.get(["audio"]) is spec.fitted[("audio",)]  # not refitted
+
+  # random conditions: every sample by the specialist of its own pattern, under
+  # the protocol's own mask (the same draw any model is evaluated under)
+  conds = [protocol.cell_missing(0.5, 3), protocol.random_missing(0.5).with_draws(2),
+           protocol.frame_missing(0.3), protocol.gaussian_noise(0.0)]
+  result = spec.evaluate(test, conds, seed=3)
+  assert [n for n, _ in result.rows] == ["cell eta 0.5", "missing rate 0.5"]
+  assert set(result.meta["skipped"]) == {"frame missing 0.3", "noise 0 dB"}
+  hand = {}
+  for size in (1, 2, 3):
+    for kept in itertools.combinations(names, size):
+      hand[kept] = _by_hand(ds, list(kept))
+  assert len(spec.fitted) == 7
+  assert {k: r.C for k, r in spec.fitted.items()} == {k: c for k, (c, _) in hand.items()}
+  preds = {k: p(test) for k, (_, p) in hand.items()}  # on the clean split: present = intact
+  for cond, draws in ((conds[0], 1), (conds[1], 2)):
+    accs = []
+    for d in range(draws):
+      degraded, presence = cond.apply(test, seed=3, draw=d)
+      assert len({tuple(p) for p in presence}) > 3  # several patterns, or this is vacuous
+      expected = np.array([preds[tuple(m for m, p in zip(names, row) if p)][i]
+                           for i, row in enumerate(presence)])
+      batch = degraded.batch(np.arange(test.num_samples))
+      batch["presence"] = presence
+      np.testing.assert_array_equal(spec.predict(batch).argmax(1), expected)
+      accs.append(np.mean(expected == test.labels))
+    assert result.get(cond.name)["accuracy"] == pytest.approx(np.mean(accs), abs=1e-12)
+  # every modality present: the specialist of all is the linear reference
+  full = spec.evaluate(test, [protocol.full()]).get("full")["accuracy"]
+  ref = reference.fit_linear_reference(ds)
+  assert full == ref.evaluate(test, [protocol.full()]).get("full")["accuracy"]
+  with pytest.raises(ValueError, match="without any modality"):
+    spec.predict({**test.batch(np.arange(2)), "presence": np.zeros((2, 3), bool)})
+  with pytest.raises(ValueError, match="modalities"):
+    reference.fit_linear_reference(ds, modalities=["text", "smell"])
