@@ -28,7 +28,8 @@ __all__ = ["Method", "MethodSpec", "ModelFns", "task_loss", "reconstruction_loss
            "from_config"]
 
 # The built-in methods, in the order tables list them: modalimmune_jax.methods.<name>.SPEC
-BUILTIN = ("plain", "dropout", "consistency", "ebr", "distill", "cmpt", "modalimmune")
+BUILTIN = ("plain", "dropout", "consistency", "ebr", "distill", "cmpt", "opm", "ogm_ge",
+           "modalimmune")
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
