@@ -32,8 +32,8 @@ from tests.helpers import ROOT, load_script
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 SCRIPTS = ("behaviour_digest", "bench_baselines", "bench_core", "bench_methods",
-           "bench_precision", "bench_train", "collapse_vs_robustness", "ebr_variants",
-           "ebr_widths", "ebr_without_fill", "fault_injection", "loop_vs_step",
+           "bench_precision", "bench_train", "collapse_sweep", "collapse_vs_robustness",
+           "ebr_variants", "ebr_widths", "ebr_without_fill", "fault_injection", "loop_vs_step",
            "methods_table", "profile_step", "soak", "training_dynamics")
 
 
