@@ -97,15 +97,40 @@ def severity(z: np.ndarray) -> tuple[float, float]:
     return float(spectral.collapse_severity(zj)), float(spectral.effective_rank(zj))
 
 
-def spearman(points: list[dict]) -> dict:
+BOOTSTRAP = 2000  # resamples of the runs for the interval of rho
+
+
+def _rho(points: list[dict]) -> float | None:
   from scipy import stats
   x = [p["severity"] for p in points]
   y = [p["robustness"] for p in points]
-  out = {"n": len(points), "rho": None, "p": None}
-  if len(points) >= 3 and len(set(x)) > 1 and len(set(y)) > 1:
-    res = stats.spearmanr(x, y)
-    rho, p = float(res.statistic), float(res.pvalue)
-    out.update(rho=None if math.isnan(rho) else rho, p=None if math.isnan(p) else p)
+  if len(points) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+    return None
+  rho = float(stats.spearmanr(x, y).statistic)
+  return None if math.isnan(rho) else rho
+
+
+def spearman(points: list[dict], resamples: int = BOOTSTRAP) -> dict:
+  """Spearman's rho, its p-value (assuming independent points) and a 95 %
+  bootstrap interval that resamples whole *runs* with replacement (the points
+  of one run share a model, so they are not independent), percentile method,
+  seed 0; None where rho is undefined."""
+  from scipy import stats
+  out = {"n": len(points), "rho": _rho(points), "p": None, "lo": None, "hi": None,
+         "bootstrap": f"{resamples} resamples of the runs, percentile"}
+  if out["rho"] is None:
+    return out
+  p = float(stats.spearmanr([q["severity"] for q in points],
+                            [q["robustness"] for q in points]).pvalue)
+  out["p"] = None if math.isnan(p) else p
+  runs = sorted({q["run"] for q in points})
+  by_run = {r: [q for q in points if q["run"] == r] for r in runs}
+  rng = np.random.default_rng(0)
+  draws = [_rho([q for r in rng.choice(len(runs), len(runs)) for q in by_run[runs[r]]])
+           for _ in range(resamples)]
+  draws = [d for d in draws if d is not None]
+  if len(runs) > 1 and draws:
+    out["lo"], out["hi"] = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
   return out
 
 
@@ -126,7 +151,8 @@ def _fmt(x, digits=3) -> str:
 
 
 def _corr_row(label: str, c: dict) -> str:
-  return f"| {label} | {_fmt(c['rho'])} | {_fmt(c['p'])} | {c['n']} |"
+  interval = (f"[{_fmt(c['lo'])}, {_fmt(c['hi'])}]" if c.get("lo") is not None else "n/a")
+  return f"| {label} | {_fmt(c['rho'])} | {interval} | {_fmt(c['p'])} | {c['n']} |"
 
 
 def render(record: dict) -> list[str]:
@@ -156,8 +182,12 @@ def render(record: dict) -> list[str]:
       "",
       "## Spearman correlation (severity vs robustness)",
       "",
-      "| points | rho | p | n |",
-      "|---|---:|---:|---:|",
+      "rho's 95 % interval: a bootstrap over runs (2000 resamples of whole runs, "
+      "percentile), which respects that a run's points share a model; p assumes "
+      "independent points.",
+      "",
+      "| points | rho | 95 % interval | p | n |",
+      "|---|---:|---:|---:|---:|",
       _corr_row("all", s["all"]),
   ]
   for key, what in (("by_dataset", "data set"), ("by_method", "method")):
@@ -208,7 +238,8 @@ def plot(record: dict, path: str) -> None:
                 + (" [sign flipped for MAE]" if set(record["metrics"]) & LOWER_IS_BETTER
                    else ""), fontsize=8)
   c = record["summary"]["all"]
-  ax.set_title(f"Spearman rho = {_fmt(c['rho'])} (p = {_fmt(c['p'])}, n = {c['n']}); "
+  interval = f" [{_fmt(c['lo'])}, {_fmt(c['hi'])}]" if c.get("lo") is not None else ""
+  ax.set_title(f"Spearman rho = {_fmt(c['rho'])}{interval} (n = {c['n']}); "
                f"paper: {PAPER_RHO}", fontsize=10)
   if points:
     ax.legend(fontsize=7, loc="best")

@@ -191,3 +191,18 @@ def test_loop_vs_step_quick(tmp_path):
   assert script.main(["--quick", "--out", str(tmp_path)]) == 0
   record = assert_results(tmp_path, "loop_vs_step", markdown=False)
   assert record["steps"] == 8 and record["loop_per_s"] > 0 and record["step_per_s"] > 0
+
+
+def test_spearman_interval_resamples_whole_runs():
+  """rho of monotone points is 1 with a [1, 1] interval; reversing one run's points
+  keeps rho below 1 and widens the interval, whose ends bracket rho; one run: no interval."""
+  script = load_script("collapse_vs_robustness")
+  points = [{"run": f"r{i}", "severity": 0.1 * (3 * i + j), "robustness": 0.1 * (3 * i + j)}
+            for i in range(5) for j in range(3)]
+  c = script.spearman(points, resamples=200)
+  assert c["rho"] == pytest.approx(1.0) and c["lo"] == pytest.approx(1.0) == c["hi"]
+  for p in points[:3]:
+    p["robustness"] = -p["robustness"]
+  c = script.spearman(points, resamples=200)
+  assert c["lo"] < c["rho"] < 1.0 and c["lo"] < c["hi"] <= 1.0
+  assert script.spearman(points[:3])["lo"] is None
