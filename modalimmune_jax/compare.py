@@ -604,9 +604,9 @@ def main(argv) -> int:
     missing = [rows_ref[n] for n in rows_ref if kinds[n] in MISSING_KINDS]
     reference = {"C": ref.C, "seed": base.seed, "valid_score": ref.valid_score, "rows": rows_ref,
                  "mean_missing": float(sum(missing) / max(len(missing), 1))}
-    specialist = specialist_summary(Specialists(dataset).evaluate(split, conds,
-                                                                  seed=base.eval.seed),
-                                    metric, base.seed, kinds)
+    # the all-modality specialist is the reference just fitted (same grid and seed)
+    specialist = specialist_summary(Specialists(dataset, reference=ref).evaluate(
+        split, conds, seed=base.eval.seed), metric, base.seed, kinds)
   bases = paired_baselines(agg)
   paired = {b: paired_differences(agg, b) for b in bases}
   room = headroom(agg, specialist, bases)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import time
 from typing import Any, Mapping, Sequence
 
@@ -63,7 +62,7 @@ _MAX_ITER = 2000
 # Condition kinds under which a sample's available modalities are a subset of
 # whole modalities (what a specialist is fitted on); frame-rate and noise
 # conditions degrade modalities that stay present.
-SPECIALIST_KINDS = ("full", "removal", "random_missing", "cell_missing", "sample_missing")
+SPECIALIST_KINDS = ("full",) + tuple(k for k in protocol.MISSING_KINDS if k != "frame_missing")
 
 
 def features(split_or_batch: MultimodalSplit | Mapping[str, Any],
@@ -321,7 +320,8 @@ class Specialists:
   that subset (``C`` chosen on valid for each subset from ``Cs``), fitted the
   first time a sample needs it (:meth:`get`): at most ``2^M - 1`` of them,
   only those the evaluated conditions produce. The specialist of every
-  modality is the linear reference itself.
+  modality is the linear reference itself: pass one already fitted (with the
+  same ``Cs``, ``seed`` and ``metric``) as ``reference`` and it is not fitted again.
 
   Attributes:
     dataset: the data set (train and valid are read to fit).
@@ -330,6 +330,8 @@ class Specialists:
     seed: ``random_state`` of the estimators.
     metric: the selection metric (default ``HEADLINE[task]``).
     fitted: kept modalities (in the data set's order) -> their specialist.
+    reference: (init only) the linear reference on every modality, if fitted
+      already: it becomes that subset's specialist.
     seconds: kept modalities -> the seconds their fit took (every ``C``).
 
   Example:
@@ -344,6 +346,11 @@ class Specialists:
   metric: str | None = None
   fitted: dict[tuple[str, ...], LinearReference] = dataclasses.field(default_factory=dict)
   seconds: dict[tuple[str, ...], float] = dataclasses.field(default_factory=dict)
+  reference: dataclasses.InitVar[LinearReference | None] = None
+
+  def __post_init__(self, reference):
+    if reference is not None:
+      self.fitted[self.key(reference.modality_names)] = reference
 
   def key(self, kept: Sequence[str]) -> tuple[str, ...]:
     """``kept`` in the data set's modality order (checked)."""
@@ -363,14 +370,6 @@ class Specialists:
                                               metric=self.metric, modalities=key)
       self.seconds[key] = time.perf_counter() - start
     return self.fitted[key]
-
-  def fit_all(self) -> "Specialists":
-    """Fits every non-empty subset (``2^M - 1`` specialists); returns ``self``."""
-    names = self.dataset.modality_names
-    for size in range(len(names), 0, -1):
-      for kept in itertools.combinations(names, size):
-        self.get(kept)
-    return self
 
   def predict(self, batch: Mapping[str, Any]) -> np.ndarray:
     """Outputs in the model's layout, each sample's from the specialist of its

@@ -210,6 +210,9 @@ def test_specialists_route_each_sample_to_its_subsets_model():
   full = spec.evaluate(test, [protocol.full()]).get("full")["accuracy"]
   ref = reference.fit_linear_reference(ds)
   assert full == ref.evaluate(test, [protocol.full()]).get("full")["accuracy"]
+  given = reference.Specialists(ds, reference=ref)  # compare's: the reference, not refitted
+  assert given.get(names) is ref and list(given.fitted) == [tuple(names)]
+  assert given.evaluate(test, [protocol.full()]).get("full")["accuracy"] == full
   with pytest.raises(ValueError, match="without any modality"):
     spec.predict({**test.batch(np.arange(2)), "presence": np.zeros((2, 3), bool)})
   with pytest.raises(ValueError, match="modalities"):
