@@ -118,8 +118,8 @@ def default_out(name: str, quick: bool = False) -> str:
 
 class _Parser(argparse.ArgumentParser):
   """Fills in ``--out`` once ``--quick`` is known. A ``--quick`` run also
-  turns XLA's backend optimisations off (for the backend not started yet, and
-  the subprocesses): compilation is most of a smoke run, its timings mean
+  turns XLA's CPU optimisations off (``provenance.quick_compile_xla_flags``,
+  for the backend not started yet, and the subprocesses): compilation is most of a smoke run, its timings mean
   nothing."""
 
   def parse_args(self, args=None, namespace=None):
@@ -127,9 +127,9 @@ class _Parser(argparse.ArgumentParser):
     quick = getattr(ns, "quick", False)
     if ns.out is None:
       ns.out = default_out(self.result_name, quick)
-    flags = os.environ.get("XLA_FLAGS", "")
-    if quick and "--xla_backend_optimization_level" not in flags:
-      os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+    if quick:
+      from modalimmune_jax.provenance import quick_compile_xla_flags
+      os.environ["XLA_FLAGS"] = quick_compile_xla_flags(os.environ.get("XLA_FLAGS", ""))
     return ns
 
 

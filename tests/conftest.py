@@ -17,11 +17,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # initialisers, evaluation, the CLI subprocesses' whole start) add up
 # (test_reliability + test_model: 120 s -> 96 s).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-# The programs under test are tiny: XLA's backend optimisations cost far more
-# compile time than they save run time (ModalImmune's step: 26 s -> 16 s).
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_backend_optimization_level=0").strip()
+# The programs under test are tiny and run a few steps: XLA's CPU optimisations
+# cost far more compile time than they save run time (ModalImmune's step,
+# curvature refresh and hyper-step compile 2.5-4x faster; the flags and figures:
+# provenance.QUICK_COMPILE_XLA_FLAGS). A user's run keeps XLA's defaults.
+from modalimmune_jax.provenance import quick_compile_xla_flags  # noqa: E402  (starts no backend)
+
+os.environ["XLA_FLAGS"] = quick_compile_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
