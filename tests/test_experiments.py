@@ -26,12 +26,13 @@ import json
 import os
 import subprocess
 
+import jax
 import pytest
 
 from tests.helpers import ROOT, load_script
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
-SCRIPTS = ("behaviour_digest", "bench_baselines", "bench_core", "bench_methods",
+SCRIPTS = ("behaviour_digest", "bench_baselines", "bench_core", "bench_implicit", "bench_methods",
            "bench_precision", "bench_train", "collapse_sweep", "collapse_vs_robustness",
            "ebr_variants", "ebr_widths", "ebr_without_fill", "fault_injection", "loop_vs_step",
            "methods_table", "profile_step", "soak", "training_dynamics")
@@ -191,6 +192,19 @@ def test_loop_vs_step_quick(tmp_path):
   assert script.main(["--quick", "--out", str(tmp_path)]) == 0
   record = assert_results(tmp_path, "loop_vs_step", markdown=False)
   assert record["steps"] == 8 and record["loop_per_s"] > 0 and record["step_per_s"] > 0
+
+
+def test_bench_implicit_quick(tmp_path):
+  """Every problem's hyper-gradient within its certified bound of the exact answer
+  (jaxopt's column only where jaxopt is installed: it is not a dependency)."""
+  script = load_script("bench_implicit")
+  assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+  record = assert_results(tmp_path, "bench_implicit")
+  assert set(record["rows"]) == {"ridge", "logistic", "multi-penalty ridge"}
+  for row in record["rows"].values():
+    assert row["ours"]["certified"] and row["ours"]["bound_holds"], row
+    assert row["ours"]["ms"] > 0 and row["oracle"]["ms"] > 0
+  assert not jax.config.x64_enabled  # the script's float64 stays inside it
 
 
 def test_spearman_interval_resamples_whole_runs():
