@@ -35,7 +35,7 @@ EXPERIMENTS = os.path.join(ROOT, "experiments")
 SCRIPTS = ("behaviour_digest", "bench_baselines", "bench_core", "bench_implicit", "bench_methods",
            "bench_precision", "bench_train", "collapse_sweep", "collapse_vs_robustness",
            "ebr_variants", "ebr_widths", "ebr_without_fill", "fault_injection", "loop_vs_step",
-           "methods_table", "profile_step", "soak", "training_dynamics")
+           "methods_table", "profile_step", "soak", "training_dynamics", "tuning_toy")
 
 
 def source(name: str) -> ast.Module:
@@ -205,6 +205,21 @@ def test_bench_implicit_quick(tmp_path):
     assert row["ours"]["certified"] and row["ours"]["bound_holds"], row
     assert row["ours"]["ms"] > 0 and row["oracle"]["ms"] > 0
   assert not jax.config.x64_enabled  # the script's float64 stays inside it
+
+
+def test_tuning_toy_quick(tmp_path):
+  """Every tuner spends its budget against the known optimum; the grid reaches its own
+  best; the figure is written."""
+  script = load_script("tuning_toy")
+  assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+  record = assert_results(tmp_path, "tuning_toy")
+  summary = record["summary"]
+  assert len(summary) == 4 and all(row["seeds"] == 2 for row in summary.values())
+  grid = [row for name, row in summary.items() if name.startswith("grid")][0]
+  assert grid["grid_best"]["reached"] == 2
+  optimum = record["optimum"]["val"]
+  assert all(r["best_val"] >= optimum * (1 - 1e-4) for rs in record["runs"].values() for r in rs)
+  assert os.path.getsize(tmp_path / "tuning_toy.png") > 10_000
 
 
 def test_spearman_interval_resamples_whole_runs():
