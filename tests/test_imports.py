@@ -20,7 +20,7 @@ LAYERS = (
     ("methods", "methods.*"),                                # one module per method
     ("config", "step"),                                      # the schema; the pure step
     ("train", "train.*"),                                    # the training package
-    ("cli", "main", "compare", "data.__main__"),             # command lines
+    ("cli", "main", "compare", "tune", "data.__main__"),     # command lines
 )
 
 
