@@ -289,7 +289,7 @@ def _check_solver(solver):
 def _check_terms(num_terms, tol):
   if (num_terms is None) == (tol is None):
     raise ValueError("give exactly one of num_terms and tol")
-  if num_terms is not None and num_terms < 0:
+  if isinstance(num_terms, (int, np.integer)) and num_terms < 0:
     raise ValueError(f"num_terms must be >= 0, got {num_terms}")
 
 
@@ -506,7 +506,8 @@ def neumann_hypergrad(inner_loss: Callable[..., jax.Array] | GaussNewton,
       (1.1 * lambda_max)`` with ``lambda_max`` from :data:`POWER_ITERATIONS`
       power iterations. Ignored by CG.
     damping: ``delta >= 0`` added to the curvature.
-    num_terms: fixed number of terms (CG steps) ``K``.
+    num_terms: fixed number of terms (CG steps) ``K``; it may be traced (a
+      ``jit`` argument), so one compiled program serves every ``K``.
     tol: instead of ``num_terms``, the smallest ``K <= max_terms`` with
       ``error_bound <= tol`` (``lax.while_loop``). With an uncertifiable
       curvature the estimated bound is used and ``certified`` stays False.
@@ -561,7 +562,7 @@ def _check_settings(inner_loss, *, solver, alpha, damping, num_terms, tol, rel_t
                      "GaussNewton(model_fn, output_loss)")
   if sum(x is not None for x in (num_terms, tol, rel_tol)) != 1:
     raise ValueError("give exactly one of num_terms, tol and rel_tol")
-  if num_terms is not None and num_terms < 0:
+  if isinstance(num_terms, (int, np.integer)) and num_terms < 0:
     raise ValueError(f"num_terms must be >= 0, got {num_terms}")
   if solver == "cg":
     alpha = None

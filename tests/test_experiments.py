@@ -34,8 +34,9 @@ from tests.helpers import ROOT, load_script
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 SCRIPTS = ("behaviour_digest", "bench_baselines", "bench_core", "bench_implicit", "bench_methods",
            "bench_precision", "bench_train", "collapse_sweep", "collapse_vs_robustness",
-           "ebr_variants", "ebr_widths", "ebr_without_fill", "fault_injection", "loop_vs_step",
-           "methods_table", "profile_step", "soak", "training_dynamics", "tuning_toy")
+           "ebr_variants", "ebr_widths", "ebr_without_fill", "fault_injection",
+           "hypergrad_accuracy", "loop_vs_step", "methods_table", "profile_step", "soak",
+           "training_dynamics", "tuning_toy")
 
 
 def source(name: str) -> ast.Module:
@@ -220,6 +221,21 @@ def test_tuning_toy_quick(tmp_path):
   optimum = record["optimum"]["val"]
   assert all(r["best_val"] >= optimum * (1 - 1e-4) for rs in record["runs"].values() for r in rs)
   assert os.path.getsize(tmp_path / "tuning_toy.png") > 10_000
+
+
+@pytest.mark.slow
+def test_hypergrad_accuracy_quick(tmp_path):
+  """On the trained model's BHGD problem every certified bound covers the error
+  against the dense solve, and 64 CG steps reach it closely."""
+  script = load_script("hypergrad_accuracy")
+  assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+  record = assert_results(tmp_path, "hypergrad_accuracy")
+  rows = record["rows"]
+  assert {r["solver"] for r in rows} == {"neumann", "cg"}
+  assert all(r["bound_holds"] for r in rows), rows
+  cg = {r["terms"]: r for r in rows if r["solver"] == "cg"}
+  assert cg[64]["rel_error"] < 1e-3 and cg[64]["certified"]
+  assert os.path.getsize(tmp_path / "hypergrad_accuracy.png") > 10_000
 
 
 def test_spearman_interval_resamples_whole_runs():

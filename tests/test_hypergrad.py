@@ -553,3 +553,20 @@ def test_mixed_term_through_outputs_equals_the_general_one():
     np.testing.assert_allclose(g2[k], g1[k], rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(c2.mixed_norm, c1.mixed_norm, rtol=1e-10)
   assert float(c1.mixed_norm) > 0
+
+
+@pytest.mark.parametrize("solver", ["neumann", "cg"])
+def test_a_traced_number_of_terms_compiles_once_for_every_k(solver):
+  """``num_terms`` as a ``jit`` argument: one program, the same answers as static K."""
+  x, y, xv, yv, h = _ridge_problem(0)
+  w, _, _ = _ridge_closed_form(x, y, xv, yv, h)
+  w, h = jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32)
+  call = lambda k: hg.neumann_hypergrad(
+      ridge_inner, ridge_outer, w, h, inner_args=(x, y), outer_args=(xv, yv), solver=solver,
+      alpha=0.5, num_terms=k, strong_convexity=jnp.exp(h))
+  traced = jax.jit(call)
+  for k in (0, 1, 3):
+    (g1, c1), (g2, c2) = traced(jnp.asarray(k)), call(k)
+    np.testing.assert_allclose(float(g1), float(g2), rtol=1e-6)
+    assert int(c1.num_terms) == int(c2.num_terms)
+  assert traced._cache_size() == 1
