@@ -36,7 +36,7 @@ SCRIPTS = ("behaviour_digest", "bench_baselines", "bench_core", "bench_implicit"
            "bench_precision", "bench_train", "collapse_sweep", "collapse_vs_robustness",
            "ebr_variants", "ebr_widths", "ebr_without_fill", "fault_injection",
            "hypergrad_accuracy", "loop_vs_step", "methods_table", "profile_step", "soak",
-           "training_dynamics", "tuning_toy")
+           "training_dynamics", "tuning_mfeat", "tuning_toy")
 
 
 def source(name: str) -> ast.Module:
