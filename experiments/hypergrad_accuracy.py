@@ -5,7 +5,7 @@
 
 ModalImmune is trained on the synthetic benchmark (a small model: hidden 16,
 about 6000 parameters, so that its curvature fits in memory as a matrix) for
-``--steps`` steps with BHGD off (``--quick``: hidden 4, 10 steps); at the trained parameters BHGD's problem is
+``--steps`` steps with BHGD off (``--quick``: hidden 4, at initialisation); at the trained parameters BHGD's problem is
 set up exactly as the training step sets it up (``bhgd_objectives`` on the
 method's fixed train and valid batches, damped Gauss-Newton curvature). The
 **exact** hyper-gradient comes from a dense solve in float64 built without the
@@ -133,7 +133,7 @@ def main(argv=None):
   ap = parser(__doc__, "hypergrad_accuracy")
   ap.add_argument("--steps", type=int, default=200, help="training steps before the solve")
   args = ap.parse_args(argv)
-  steps = 10 if args.quick else args.steps
+  steps = 0 if args.quick else args.steps
   hidden, batch = (4, 16) if args.quick else (16, 32)
   terms = (1, 4, 16, 64) if args.quick else (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
   log(f"training {steps} steps")
