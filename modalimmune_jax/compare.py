@@ -19,6 +19,33 @@ train one after the other, reusing the step the tuning trials compiled;
 a new program to compile, which on a 2-core CPU cost more than it saved
 (experiments/README.md, "End to end").
 
+**Across machines**: N workers on one shared ``--workdir`` (a SLURM array task
+i of N, say: the same command, only ``--shard`` differs), then one call, on
+any machine, that only collects and renders::
+
+    python -m modalimmune_jax.compare --config=... --methods=... --seeds=... \\
+        --workdir=SHARED --shard=i/N
+    python -m modalimmune_jax.compare --config=... --methods=... --seeds=... \\
+        --workdir=SHARED --collect
+
+The work units, in a fixed order (:func:`work_units`): every method's tuning
+trials (methods in ``--methods`` order, trials in search order), then every
+method's seeds (``--seeds`` order; with ``--together`` a method's seeds are one
+unit, one vmapped program as unsharded); worker i runs units i, i + N, i + 2N,
+... Each first runs its trials, then its seed runs, a method's as soon as all
+its trials are finished by whichever worker: it polls their ``results.json``
+every second and recomputes the choice from them, as one machine does. One
+command with waiting rather than two phases (tune, then seeds): every array
+task runs the same line, the scheduler needs no dependency between two arrays,
+and a method's seeds start as soon as its tuning is done. No deadlock: every
+worker finishes its own trials before it waits; no duplicate: each unit has one
+shard. A worker that waits ``--shard_wait`` seconds (a day) with none of the
+awaited trials finishing (one killed, say) exits 3 naming them and their
+shards; rerun those (they resume). ``--collect`` trains nothing: with runs
+missing it exits 2 naming them, else it renders what an unsharded run renders
+(same choices, same numbers; provenance and timings aside). Without either
+flag, one process trains and renders everything.
+
 Writes ``comparison.md``, ``comparison.json``, ``comparison.png`` and, when the
 protocol has cell-eta conditions (``eval.cell_etas``), ``cell_eta.png`` (the
 robustness curves, mean ± std over seeds). ``--ablation`` compares a method
@@ -88,6 +115,13 @@ flags.DEFINE_bool("reference", True, "Fit and print the linear reference and the
 flags.DEFINE_bool("together", False, "Train the seeds of a method as one vmapped program "
                   "(train.train_seeds) where the method allows it; per-seed work directories "
                   "either way.")
+flags.DEFINE_string("shard", None, "i/N: be worker i of N on a shared --workdir: train only "
+                    "the work units k with k mod N == i (see work_units), render nothing; "
+                    "then --collect.")
+flags.DEFINE_bool("collect", False, "Train nothing: render the comparison from the finished "
+                  "runs in --workdir (exit 2 naming the missing ones).")
+flags.DEFINE_float("shard_wait", 86400.0, "With --shard: the most seconds a worker waits for "
+                   "the other shards' tuning trials with none of them finishing (then exit 3).")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:variant]).",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -97,8 +131,9 @@ MISSING_KINDS = protocol.MISSING_KINDS
 selection_score = protocol.selection_score
 
 
-def finished(config, workdir: str) -> dict | None:
-  """``results.json`` of a finished run of ``config`` in ``workdir``, or None.
+def finished(config, workdir: str, quiet: bool = False) -> dict | None:
+  """``results.json`` of a finished run of ``config`` in ``workdir``, or None
+  (``quiet``: without the "done already" line).
 
   The run's config must equal ``config`` except in the other methods' sections
   (:func:`modalimmune_jax.config.differences`) and the keys that only change
@@ -114,7 +149,8 @@ def finished(config, workdir: str) -> dict | None:
     record = json.load(f)
   diff = differences(record.get("config") or {}, config, ignore=LOGGING_ONLY)
   if not diff:
-    print(f"done already: {workdir}", file=sys.stderr)
+    if not quiet:
+      print(f"done already: {workdir}", file=sys.stderr)
     return record
   from modalimmune_jax.train import WorkdirError
   listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diff[:4])
@@ -142,6 +178,201 @@ def run_seeds(config, seeds, workdirs, together: bool = False) -> list[dict]:
 def run_once(config, workdir: str) -> dict:
   """``results.json`` of a run, training it (or finishing it) if needed."""
   return run_seeds(config, [config.seed], [workdir])[0]
+
+
+def trial_dir(workdir: str, label: str, trial: int) -> str:
+  """The work directory of a tuning trial: ``WORKDIR/tune/<label>/<trial>``."""
+  return os.path.join(workdir, "tune", label, str(trial))
+
+
+def seed_dir(workdir: str, label: str, seed: int) -> str:
+  """The work directory of a seed run: ``WORKDIR/<label>/seed<k>`` (an ablation
+  row's label up to its parenthesis, spaces as underscores: "no BHGD (fixed
+  meta-parameters)" -> ``no_BHGD/seed0``)."""
+  return os.path.join(workdir, label.split(" (")[0].replace(" ", "_"), f"seed{seed}")
+
+
+def trial_configs(config, label: str, seed: int) -> list[tuple[dict, object]]:
+  """``(overrides, config)`` of each tuning trial of row ``label`` (its
+  :func:`search_space`): ``config`` with the trial's overrides, ``seed`` and
+  the valid split."""
+  from modalimmune_jax.config import with_overrides
+  return [(o, with_overrides(config, dict(o, **{"seed": seed, "eval.split": "valid"})))
+          for o in search_space(label)]
+
+
+def choose(trials: list[tuple[dict, dict]], metric: str) -> dict:
+  """The chosen trial of ``(overrides, results.json)`` pairs, in trial order:
+  ``{"overrides", "trials": [{"overrides", "score", "seconds_per_step"}]}``,
+  the best selection score (the first of equals; lowest for MAE)."""
+  entries = [{"overrides": o, "score": selection_score(rec["protocol"], metric),
+              "seconds_per_step": seconds_per_step(rec)} for o, rec in trials]
+  best = (min if metric == "MAE" else max)(entries, key=lambda t: t["score"])
+  return {"overrides": best["overrides"], "trials": entries}
+
+
+# ---------------------------------------------------------------------------
+# Sharding: N workers on one shared --workdir, then --collect.
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+  """``"i/N"`` -> ``(i, N)``, ``0 <= i < N``; else a one-line
+  :class:`~modalimmune_jax.cli.FlagError` naming ``--shard``."""
+  from modalimmune_jax import cli
+  try:
+    index, count = (int(part) for part in value.split("/"))
+  except ValueError:
+    index = count = None
+  if index is None or not 0 <= index < count:
+    raise cli.FlagError(f"--shard: expected i/N with 0 <= i < N (worker i of N, e.g. "
+                        f"--shard=0/4 ... --shard=3/4), got {value!r}")
+  return index, count
+
+
+def work_units(trials: dict[str, int], seeds, together: bool = False) -> list[tuple]:
+  """Every run of a comparison in the fixed order shards are dealt from.
+
+  ``trials``: row label -> number of tuning trials (0 without tuning), in the
+  rows' order (``--methods`` or the ablation's). First every row's trials
+  ``("tune", label, i)`` (rows in order, trials in search-space order), then
+  every row's seeds ``("seed", label, (s,))`` (rows in order, seeds in
+  ``--seeds`` order); with ``together`` a row's seeds are one unit
+  ``("seed", label, tuple(seeds))`` (one vmapped program, as unsharded).
+  Shard ``i`` of ``N`` runs units ``i, i + N, i + 2N, ...``
+  (:func:`shard_units`), so every worker computes the same plan alone.
+  """
+  units = [("tune", label, i) for label, n in trials.items() for i in range(n)]
+  for label in trials:
+    units += ([("seed", label, tuple(seeds))] if together
+              else [("seed", label, (s,)) for s in seeds])
+  return units
+
+
+def shard_units(units: list[tuple], index: int, count: int) -> list[tuple]:
+  """The units of shard ``index`` of ``count``: every ``count``-th from ``index``."""
+  return units[index::count]
+
+
+POLL_SECONDS = 1.0  # how often a worker looks for the other shards' tuning trials
+
+
+class ShardTimeout(RuntimeError):
+  """A worker waited ``--shard_wait`` seconds for other shards' tuning trials,
+  none of them finishing."""
+
+
+def _done(config, workdir: str) -> dict | None:
+  """:func:`finished`, quietly; a results.json being written reads as not finished."""
+  try:
+    return finished(config, workdir, quiet=True)
+  except json.JSONDecodeError:
+    return None
+
+
+def _tuned(config, label: str, seeds, workdir: str, metric: str, tuning: bool):
+  """``(config with the chosen trial's overrides, [])`` of a row from its
+  trials' ``results.json`` in ``workdir`` (:func:`choose`, as an unsharded run
+  chooses), or ``(config, unfinished trial dirs)`` while some are missing;
+  ``(config, [])`` without tuning."""
+  from modalimmune_jax.config import with_overrides
+  if not tuning:
+    return config, []
+  trials = [(o, _done(tc, trial_dir(workdir, label, i)))
+            for i, (o, tc) in enumerate(trial_configs(config, label, seeds[0]))]
+  missing = [trial_dir(workdir, label, i) for i, (_, rec) in enumerate(trials) if rec is None]
+  if missing:
+    return config, missing
+  return with_overrides(config, choose(trials, metric)["overrides"]), []
+
+
+def run_shard(rows: dict, seeds, workdir: str, metric: str, *, index: int, count: int,
+              tuning: bool = True, together: bool = False, wait_seconds: float = 86400.0,
+              poll_seconds: float = POLL_SECONDS) -> list[str]:
+  """Worker ``index`` of ``count``: trains its units of :func:`work_units` in
+  ``workdir`` (each resumed or skipped when done, like an unsharded run) and
+  returns their directories; renders nothing.
+
+  First its tuning trials, waiting for nothing; then its seed runs, a row at a
+  time as soon as every trial of that row is finished (by any shard): the
+  chosen trial is recomputed from the trials' ``results.json``, exactly as an
+  unsharded run chooses. Rows whose trials are not all finished are polled
+  every ``poll_seconds``; when none of the awaited trials finishes for
+  ``wait_seconds`` (a worker killed, say), :class:`ShardTimeout` names them.
+  Every worker finishes its trials before it waits, so no two wait on each
+  other, and each unit belongs to exactly one shard, so none is trained twice.
+  """
+  import time
+  units = work_units({label: len(search_space(label)) if tuning else 0 for label in rows},
+                     seeds, together)
+  mine = shard_units(units, index, count)
+  done = []
+  for _, label, i in (u for u in mine if u[0] == "tune"):
+    _, cfg = trial_configs(rows[label], label, seeds[0])[i]
+    run_once(cfg, trial_dir(workdir, label, i))
+    done.append(trial_dir(workdir, label, i))
+  pending: dict[str, list[int]] = {}
+  for _, label, group in (u for u in mine if u[0] == "seed"):
+    pending.setdefault(label, []).extend(group)
+  shown, since = None, time.monotonic()
+  while pending:
+    waiting = {}
+    for label in list(pending):
+      cfg, missing = _tuned(rows[label], label, seeds, workdir, metric, tuning)
+      if missing:
+        waiting[label] = missing
+        continue
+      group = pending.pop(label)
+      dirs = [seed_dir(workdir, label, s) for s in group]
+      run_seeds(cfg, group, dirs, together)
+      done += dirs
+      since = time.monotonic()  # time spent training is not waiting
+    if not waiting:
+      continue
+    if waiting != shown:  # the first wait, or a trial finished: the clock restarts
+      since, shown = time.monotonic(), waiting
+      print(f"shard {index}/{count}: waiting for the tuning trials of "
+            + "; ".join(f"{label!r} ({_owners(dirs, units, count, workdir)})"
+                        for label, dirs in waiting.items()), file=sys.stderr)
+    if time.monotonic() - since > wait_seconds:
+      dirs = sum(waiting.values(), [])
+      raise ShardTimeout(
+          f"--shard={index}/{count}: waited {wait_seconds:g} s (--shard_wait) with no tuning "
+          f"trial finishing; not finished: {_owners(dirs, units, count, workdir)}; rerun those "
+          "shards (they resume), then this one")
+    time.sleep(poll_seconds)
+  return done
+
+
+def _owners(dirs: list[str], units: list[tuple], count: int, workdir: str) -> str:
+  """``dir (shard j/N), ...``: a few unfinished trial directories and their shards."""
+  where = {trial_dir(workdir, label, i): k % count
+           for k, (kind, label, i) in enumerate(units) if kind == "tune"}
+  return _some([f"{d} (shard {where[d]}/{count})" for d in dirs])
+
+
+def _some(items: list[str], most: int = 3) -> str:
+  """The first ``most`` of ``items``, then how many more."""
+  more = f" and {len(items) - most} more" if len(items) > most else ""
+  return ", ".join(items[:most]) + more
+
+
+def missing_runs(rows: dict, seeds, workdir: str, metric: str, tuning: bool) -> list[str]:
+  """The work directories of the units not finished yet (:func:`work_units`
+  order within each row: its trials, then its seeds); a row's seed runs count as
+  missing without a ``results.json`` while its tuning is incomplete."""
+  from modalimmune_jax.config import with_overrides
+  missing = []
+  for label, cfg in rows.items():
+    cfg, trials = _tuned(cfg, label, seeds, workdir, metric, tuning)
+    missing += trials
+    for s in seeds:
+      path = seed_dir(workdir, label, s)
+      if trials:
+        if not os.path.isfile(os.path.join(path, "results.json")):
+          missing.append(path)
+      elif _done(with_overrides(cfg, {"seed": s}), path) is None:
+        missing.append(path)
+  return missing
 
 
 def removal_name(kept) -> str:
@@ -541,6 +772,12 @@ def main(argv) -> int:
     seeds = [int(s) for s in FLAGS.seeds]
   except ValueError:
     raise cli.FlagError(f"--seeds must be integers, got {FLAGS.seeds}")
+  shard = None if FLAGS.shard is None else parse_shard(FLAGS.shard)
+  if shard is not None and FLAGS.collect:
+    raise cli.FlagError("--collect with --shard: the workers train (--shard=i/N), the final "
+                        "call collects (--collect alone)")
+  if not FLAGS.shard_wait > 0:
+    raise cli.FlagError(f"--shard_wait: seconds > 0, got {FLAGS.shard_wait}")
   known = methods.names()
   if FLAGS.ablation:
     if FLAGS.ablation_method not in known or not methods.get(FLAGS.ablation_method).ablations:
@@ -564,32 +801,38 @@ def main(argv) -> int:
   from modalimmune_jax.metrics import HEADLINE
   from modalimmune_jax.provenance import provenance
   dataset = train.load_data(base)  # data checked before anything is created
+  metric = HEADLINE[dataset.task]
+  tuning = FLAGS.tune and not FLAGS.ablation
+  if FLAGS.collect:  # trains nothing: every unit must be finished
+    missing = missing_runs(rows, seeds, FLAGS.workdir, metric, tuning)
+    if missing:
+      raise cli.FlagError(f"--collect: {len(missing)} run(s) not finished: {_some(missing)} "
+                          "(run every --shard=i/N worker first; they resume)")
   os.makedirs(FLAGS.workdir, exist_ok=True)
   cli.enable_compile_cache()
-  metric = HEADLINE[dataset.task]
+  if shard is not None:
+    try:
+      done = run_shard(rows, seeds, FLAGS.workdir, metric, index=shard[0], count=shard[1],
+                       tuning=tuning, together=FLAGS.together, wait_seconds=FLAGS.shard_wait)
+    except ShardTimeout as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 3
+    print(f"shard {shard[0]}/{shard[1]}: {len(done)} run(s) done in {FLAGS.workdir}; render "
+          "the comparison with --collect once every shard is done", file=sys.stderr)
+    return 0
 
   chosen: dict[str, dict] = {}
-  if FLAGS.tune and not FLAGS.ablation:
+  if tuning:
     for label, cfg in rows.items():
-      trials = []
-      for i, overrides in enumerate(search_space(label)):
-        trial_cfg = with_overrides(cfg, dict(overrides, **{"seed": seeds[0],
-                                                           "eval.split": "valid"}))
-        rec = run_once(trial_cfg, os.path.join(FLAGS.workdir, "tune", label, str(i)))
-        trials.append({"overrides": overrides,
-                       "score": selection_score(rec["protocol"], metric),
-                       "seconds_per_step": seconds_per_step(rec)})
-      lower = metric == "MAE"
-      best = (min if lower else max)(trials, key=lambda t: t["score"])
-      chosen[label] = {"overrides": best["overrides"], "trials": trials}
-      rows[label] = with_overrides(cfg, best["overrides"])
-
-  def seed_dir(label, seed):  # "no BHGD (fixed meta-parameters)" -> no_BHGD/seed0
-    return os.path.join(FLAGS.workdir, label.split(" (")[0].replace(" ", "_"), f"seed{seed}")
+      trials = [(o, run_once(tc, trial_dir(FLAGS.workdir, label, i)))
+                for i, (o, tc) in enumerate(trial_configs(cfg, label, seeds[0]))]
+      chosen[label] = choose(trials, metric)
+      rows[label] = with_overrides(cfg, chosen[label]["overrides"])
 
   records: dict[str, list[dict]] = {}
   for label, cfg in rows.items():
-    records[label] = run_seeds(cfg, seeds, [seed_dir(label, s) for s in seeds], FLAGS.together)
+    records[label] = run_seeds(cfg, seeds, [seed_dir(FLAGS.workdir, label, s) for s in seeds],
+                               FLAGS.together)
 
   agg = aggregate(records, metric)
   reference = specialist = None
@@ -641,7 +884,8 @@ def main(argv) -> int:
          "wall_seconds": time.perf_counter() - started,
          "dominant": dominant, "dominant_how": info["dominant_how"],
          "reference": reference, "provenance": prov,
-         "runs": {label: [{"workdir": seed_dir(label, s), "seed": s, "provenance": r["provenance"], "config": r["config"],
+         "runs": {label: [{"workdir": seed_dir(FLAGS.workdir, label, s), "seed": s,
+                           "provenance": r["provenance"], "config": r["config"],
                            "train_seconds": r["train_seconds"]}
                           for s, r in zip(seeds, recs)] for label, recs in records.items()}}
   with open(os.path.join(FLAGS.workdir, "comparison.md"), "w") as f:

@@ -62,8 +62,12 @@ def finish(run: Run, state, predict, *, stopped: bool, train_seconds: float,
   record = {k: v for k, v in summary.items() if k not in ("final_params", "final_state")}
   record["provenance"] = provenance(seed=config.seed, eval_seed=config.eval.seed)
   if run.is_main:
-    with open(os.path.join(run.workdir, "results.json"), "w") as f:
+    # written whole, then renamed: a run is finished once results.json exists, and
+    # other processes (compare's shards, --collect) may read it at any moment
+    path = os.path.join(run.workdir, "results.json")
+    with open(path + ".tmp", "w") as f:
       json.dump(record, f, indent=2, default=float)
+    os.replace(path + ".tmp", path)
     with open(os.path.join(run.workdir, "results.md"), "w") as f:
       f.write(render_results(record, result))
     plot_protocol(result, headline, os.path.join(run.workdir, "results.png"),
