@@ -21,12 +21,13 @@ from flax import nnx
 
 from modalimmune_jax import data as data_lib
 from modalimmune_jax.model import MultimodalModel
+from modalimmune_jax.schema import ConfigError
 
-__all__ = ["load_data", "build_model", "make_optimizer"]
+__all__ = ["load_data", "training_view", "build_model", "make_optimizer"]
 
 
 def load_data(config: ml_collections.ConfigDict) -> data_lib.MultimodalDataset:
-  """The data set a config names."""
+  """The data set a config names, as its run sees it (:func:`training_view`)."""
   d = config.data
   if d.name == "synthetic":
     s = d.synthetic.to_dict()
@@ -34,10 +35,28 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.MultimodalDataset:
     shapes = s.pop("shapes")
     s["shapes"] = {m: tuple(shapes[m]) for m in s.pop("modalities")}
     seed = s.pop("seed", -1)  # -1: the run's seed (older configs)
-    return data_lib.load_dataset("synthetic", seed=config.seed if seed < 0 else seed, **s)
-  if d.name == "mfeat":
-    return data_lib.load_dataset("mfeat", root=d.root or None, seed=d.split_seed)
-  return data_lib.load_dataset(d.name, path=d.path)
+    dataset = data_lib.load_dataset("synthetic", seed=config.seed if seed < 0 else seed, **s)
+  elif d.name == "mfeat":
+    dataset = data_lib.load_dataset("mfeat", root=d.root or None, seed=d.split_seed)
+  else:
+    dataset = data_lib.load_dataset(d.name, path=d.path)
+  return training_view(config, dataset)
+
+
+def training_view(config: ml_collections.ConfigDict,
+                  dataset: data_lib.MultimodalDataset) -> data_lib.MultimodalDataset:
+  """``dataset`` with ``config.train.present`` applied
+  (:meth:`~modalimmune_jax.data.MultimodalDataset.training_view`: the train and
+  valid splits lack the other modalities, test has every one); the same object
+  when there is nothing to apply. Raises
+  :class:`~modalimmune_jax.schema.ConfigError` naming ``train.present`` for a
+  name the data set does not have."""
+  present = tuple(config.train.get("present", ()))
+  unknown = [m for m in present if m not in dataset.modality_names]
+  if unknown:
+    raise ConfigError(f"config key 'train.present' {present} names {unknown}, not modalities "
+                      f"of {dataset.name} {dataset.modality_names}")
+  return dataset.training_view(present)
 
 
 def build_model(config: ml_collections.ConfigDict, dataset: data_lib.MultimodalDataset,

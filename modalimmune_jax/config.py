@@ -105,6 +105,14 @@ def base_config() -> ml_collections.ConfigDict:
   # several seeds in one vmapped program (`main` writes WORKDIR/seed<k>/ for each; each
   # run's own config has seed = k and train.seeds = ()); () = one run of `seed`
   c.train.seeds = ()
+  # the modalities the training data have (zero-shot cross-modal training); () = every one.
+  # The others are absent from the train and valid splits (features zeroed, frame masks
+  # cleared, presence bit off, as the protocol removes a modality): from every training
+  # batch in both pipelines, from what a method draws (ModalImmune's BHGD batches and
+  # controller batch, distillation's teacher) and from every use of the valid split
+  # (validation logs, eval.select=valid, compare / tune trials with eval.split=valid,
+  # under each condition on top). The test split keeps every modality.
+  c.train.present = ()
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True
@@ -165,7 +173,8 @@ ADDED = {"train.compute_dtype": "float32",      # mixed precision came later
          "method.modalimmune.hyper_tol": 0.0,  # BHGD always took hyper_terms terms
          "method.modalimmune.ctrl_data": "train",  # the controller measured the step's batch
          "method.modalimmune.ctrl_batch_size": 256,  # (read only with ctrl_data valid)
-         "method.ebr.width_factor": 0.0}       # EBR's absolute widths (512 / 1024)
+         "method.ebr.width_factor": 0.0,       # EBR's absolute widths (512 / 1024)
+         "train.present": []}                  # every modality trained on (JSON's list)
 
 
 def differences(old: dict, new: ml_collections.ConfigDict,
@@ -218,6 +227,9 @@ RULES: dict[str, Key] = {
     "train.on_nonfinite": Key(choices=("skip", "stop")),
     "train.device_data": Key(choices=("auto", "device", "host")),
     "train.seeds": Key(each=Key(integer=True, within="[0, inf)")),
+    "train.present": Key(
+        "ours: the modalities of the training data, the others absent from the train and "
+        "valid splits (zero-shot cross-modal robustness); () = every modality", each=Key()),
     "checkpoint.every": _POSITIVE, "checkpoint.max_to_keep": _POSITIVE,
     "eval.split": Key(choices=("train", "valid", "test")),
     "eval.select": Key(choices=("final", "valid")),
@@ -278,6 +290,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if given["data.synthetic.dominant"] not in syn_mods:
     raise ConfigError(f"config key 'data.synthetic.dominant' must be one of {syn_mods}, got "
                       f"{given['data.synthetic.dominant']!r}")
+  present = tuple(given["train.present"])
+  if (not all(isinstance(m, str) and m for m in present)
+      or len(set(present)) != len(present)):
+    raise ConfigError(f"config key 'train.present' {present} must list modality names once "
+                      "each (() = every modality)")
+  if given["data.name"] == "synthetic" and not set(present) <= set(
+      given["data.synthetic.modalities"]):
+    raise ConfigError(f"config key 'train.present' {present} must name modalities of "
+                      f"'data.synthetic.modalities' {tuple(given['data.synthetic.modalities'])}")
   if given["model.hidden"] % given["model.num_heads"]:
     raise ConfigError("config key 'model.hidden' must be divisible by 'model.num_heads'")
   if given["data.name"] in ("mosi", "mosei", "iemocap") and not given["data.path"]:

@@ -28,6 +28,11 @@ different meanings do not compare: every condition names its *convention*
   signal-to-noise ratio in dB, with the signal power measured per modality on
   the evaluated split.
 
+A split that lacks some modalities altogether (``MultimodalSplit.absent``: the
+train and valid splits of a run with ``train.present``) keeps them absent under
+every condition: the condition applies on top (a condition that keeps only
+absent modalities leaves a sample with none).
+
 Every condition is deterministic given ``seed`` and its own name (the random
 stream is ``np.random.default_rng([seed, crc32(name)])``), so adding a condition
 never changes another's draw. A random condition can be evaluated under
@@ -121,9 +126,15 @@ class Condition:
     return self.kind in RANDOM_KINDS
 
   def apply(self, split: MultimodalSplit, seed: int = 0, draw: int = 0) -> Degraded:
-    """The degraded split and presence of mask draw ``draw`` (0: the one draw)."""
+    """The degraded split and presence of mask draw ``draw`` (0: the one draw).
+    A split's :attr:`~modalimmune_jax.data.MultimodalSplit.absent` modalities
+    stay absent (their presence off on top of the condition's; the draws are
+    the same as on the full split)."""
     stream = [seed, zlib.crc32(self.name.encode())] + ([draw] if draw else [])
-    return self.fn(split, np.random.default_rng(stream))
+    degraded, presence = self.fn(split, np.random.default_rng(stream))
+    if split.absent:
+      presence = presence & split.present_row
+    return degraded, presence
 
   def with_draws(self, draws: int) -> "Condition":
     """The same condition evaluated under ``draws`` mask draws (random kinds only)."""

@@ -440,9 +440,13 @@ class StepFn:
 
 def split_arrays(split) -> dict:
   """A split's arrays as :func:`gather_batch` takes them (``inputs``, ``masks``,
-  ``labels``; host numpy)."""
-  return {"inputs": dict(split.modalities), "masks": dict(split.masks),
-          "labels": split.labels}
+  ``labels``; host numpy), and ``present``, its ``(M,)`` presence row, when the
+  split lacks modalities (``MultimodalSplit.absent``, a run's ``train.present``)."""
+  out = {"inputs": dict(split.modalities), "masks": dict(split.masks),
+         "labels": split.labels}
+  if getattr(split, "absent", ()):
+    out["present"] = split.present_row
+  return out
 
 
 def device_data(split, mesh: jax.sharding.Mesh) -> dict:
@@ -452,13 +456,17 @@ def device_data(split, mesh: jax.sharding.Mesh) -> dict:
 
 def gather_batch(data: dict, index) -> dict:
   """The batch of the samples at ``index`` (as ``MultimodalSplit.batch``,
-  without the host-side ``index``): works on numpy and on device arrays."""
+  without the host-side ``index``): works on numpy and on device arrays. The
+  presence is the split's ``present`` row (:func:`split_arrays`) for every
+  sample, or all True."""
   xp = jnp if isinstance(index, jax.Array) else np
   take = lambda x: x[index]
   inputs = {m: take(x) for m, x in data["inputs"].items()}
+  shape = (index.shape[0], len(inputs))
+  presence = (xp.ones(shape, bool) if "present" not in data
+              else xp.broadcast_to(xp.asarray(data["present"], bool), shape))
   return {"inputs": inputs, "masks": {m: take(k) for m, k in data["masks"].items()},
-          "presence": xp.ones((index.shape[0], len(inputs)), bool),
-          "labels": take(data["labels"])}
+          "presence": presence, "labels": take(data["labels"])}
 
 
 def shard_indices(indices, mesh: jax.sharding.Mesh) -> jax.Array:

@@ -10,7 +10,7 @@
 * a real run, into ``tmp_path``, of the scripts whose smallest mode takes
   seconds: ``training_dynamics`` on a written ``metrics.jsonl``,
   ``collapse_vs_robustness`` and ``ebr_without_fill`` on a 2-step EBR run,
-  ``loop_vs_step --quick`` (the harness's timing loop); each result file
+  ``loop_vs_step --quick`` (the harness's timing loop), ``zero_shot --quick``; each result file
   carries its provenance. The other scripts' ``--quick`` runs take minutes
   (compilation) and are run by hand (``experiments/README.md`` lists them).
 
@@ -36,7 +36,7 @@ SCRIPTS = ("behaviour_digest", "bench_baselines", "bench_core", "bench_implicit"
            "bench_precision", "bench_train", "collapse_sweep", "collapse_vs_robustness",
            "ebr_variants", "ebr_widths", "ebr_without_fill", "fault_injection",
            "hypergrad_accuracy", "loop_vs_step", "methods_table", "overhead", "profile_step",
-           "soak", "training_dynamics", "tuning_mfeat", "tuning_toy")
+           "soak", "training_dynamics", "tuning_mfeat", "tuning_toy", "zero_shot")
 
 
 def source(name: str) -> ast.Module:
@@ -236,6 +236,27 @@ def test_hypergrad_accuracy_quick(tmp_path):
   cg = {r["terms"]: r for r in rows if r["solver"] == "cg"}
   assert cg[64]["rel_error"] < 1e-3 and cg[64]["certified"]
   assert os.path.getsize(tmp_path / "hypergrad_accuracy.png") > 10_000
+
+
+def test_zero_shot_quick(tmp_path):
+  """Plain and dropout trained on text+audio (vision absent from train and valid),
+  tested on text+vision: both rows, the paired differences, the table."""
+  script = load_script("zero_shot")
+  assert script.main(["--quick", "--workdir", str(tmp_path / "work"),
+                      "--out", str(tmp_path / "out")]) == 0
+  record = assert_results(tmp_path / "out", "zero_shot")
+  (point,) = record["points"]
+  assert point["conditions"] == {"test": "text+vision", "train": "text+audio"}
+  assert set(point["aggregate"]) == {"plain", "dropout"}
+  assert point["paired"]["plain"]["dropout"]["test"]["n"] == 1
+  saved = json.loads((tmp_path / "work" / "synthetic" / "text+audio__text+vision" / "plain"
+                      / "seed0" / "config.json").read_text())
+  assert saved["train"]["present"] == ["text", "audio"]
+  table = (tmp_path / "out" / "zero_shot.md").read_text()
+  assert "| text+audio -> text+vision | dropout |" in table
+  pairs = script.mfeat_pairs(("a", "b", "c", "d", "e", "f"), 3)
+  assert len(pairs) == 3 and all(len(set(x) & set(y)) == 1 for x, y in pairs)
+  assert pairs == script.mfeat_pairs(("a", "b", "c", "d", "e", "f"), 3)  # a fixed sample
 
 
 def test_spearman_interval_resamples_whole_runs():

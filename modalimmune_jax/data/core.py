@@ -13,7 +13,11 @@ Batches are plain dicts of numpy arrays, ready for ``jax.device_put``::
      "presence": (B, M) bool, "labels": ..., "index": (B,) int64}
 
 ``presence[:, j]`` says whether modality ``modality_names[j]`` is present; the
-missing-modality protocol (:mod:`modalimmune_jax.protocol`) clears it.
+missing-modality protocol (:mod:`modalimmune_jax.protocol`) clears it. A split
+may lack some modalities altogether (:attr:`MultimodalSplit.absent`, made by
+:meth:`MultimodalSplit.without`): their features are zero, their frame masks
+clear and their presence bit is off in every batch and under every protocol
+condition (a run's ``train.present``: :meth:`MultimodalDataset.training_view`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class MultimodalSplit:
     task: one of :data:`TASKS`.
     ids: ``(N,)`` array of str sample ids.
     name: for messages (e.g. ``"mosi/train"``).
+    absent: modalities missing from every sample (zero features, clear masks,
+      presence bit off in every batch); made by :meth:`without`.
 
   Example:
     >>> split = MultimodalSplit(
@@ -66,6 +72,7 @@ class MultimodalSplit:
   task: str
   ids: np.ndarray
   name: str = ""
+  absent: tuple[str, ...] = ()
 
   def __post_init__(self):
     where = f"split {self.name!r}: " if self.name else ""
@@ -92,6 +99,14 @@ class MultimodalSplit:
       raise DataError(f"{where}{self.task} labels must be (N,), got {self.labels.shape}")
     if self.ids.shape != (n,):
       raise DataError(f"{where}ids must be ({n},), got {self.ids.shape}")
+    absent = tuple(self.absent)
+    if len(set(absent)) != len(absent) or not set(absent) <= set(self.modalities):
+      raise DataError(f"{where}absent {absent} must name modalities of {self.modality_names} "
+                      "once each")
+    for m in absent:
+      if np.any(self.masks[m]) or np.any(self.modalities[m]):
+        raise DataError(f"{where}absent modality {m!r} has frames or non-zero features "
+                        "(make it with without())")
 
   @property
   def num_samples(self) -> int:
@@ -100,6 +115,36 @@ class MultimodalSplit:
   @property
   def modality_names(self) -> tuple[str, ...]:
     return tuple(self.modalities)
+
+  @property
+  def present_row(self) -> np.ndarray:
+    """``(M,)`` bool in modality order: False for the :attr:`absent` modalities."""
+    return np.array([m not in self.absent for m in self.modality_names], bool)
+
+  def without(self, names) -> "MultimodalSplit":
+    """This split with the modalities ``names`` missing from every sample, removed
+    exactly as the protocol removes a modality
+    (:func:`modalimmune_jax.masking.remove_modalities`: features zeroed, frame
+    masks cleared) and marked :attr:`absent` (presence bit off in every batch).
+
+    Example:
+      >>> split.without(["vision"]).batch(np.arange(4))["presence"][:, 2]   # all False
+    """
+    from modalimmune_jax.masking import remove_modalities  # jax, only when used
+    names = tuple(dict.fromkeys(tuple(self.absent) + tuple(names)))
+    unknown = [m for m in names if m not in self.modalities]
+    if unknown:
+      raise DataError(f"split {self.name!r}: no modalities {unknown}; it has "
+                      f"{self.modality_names}")
+    order = self.modality_names
+    keep = np.array([m not in names for m in order], bool)
+    whole = {"inputs": dict(self.modalities), "masks": dict(self.masks),
+             "presence": np.ones((self.num_samples, len(order)), bool)}
+    removed = remove_modalities(whole, keep, order)
+    return dataclasses.replace(
+        self, modalities={m: np.asarray(removed["inputs"][m]) for m in order},
+        masks={m: np.asarray(removed["masks"][m]) for m in order},
+        absent=tuple(m for m in order if m in names))
 
   def shapes(self) -> dict[str, tuple[int, int]]:
     """Modality -> ``(L_m, d_m)``."""
@@ -115,12 +160,14 @@ class MultimodalSplit:
         labels=self.labels[index], ids=self.ids[index])
 
   def batch(self, index: np.ndarray) -> dict[str, Any]:
-    """The batch dict of the samples at ``index`` (all modalities present)."""
+    """The batch dict of the samples at ``index`` (every modality present but the
+    :attr:`absent` ones)."""
     index = np.asarray(index)
     return {
         "inputs": {m: x[index] for m, x in self.modalities.items()},
         "masks": {m: k[index] for m, k in self.masks.items()},
-        "presence": np.ones((len(index), len(self.modalities)), bool),
+        "presence": np.broadcast_to(self.present_row,
+                                    (len(index), len(self.modalities))).copy(),
         "labels": self.labels[index],
         "index": index.astype(np.int64),
     }
@@ -192,6 +239,32 @@ class MultimodalDataset:
   @property
   def modality_names(self) -> tuple[str, ...]:
     return self.splits["train"].modality_names
+
+  def training_view(self, present) -> "MultimodalDataset":
+    """The data set as a run with ``train.present = present`` sees it: the
+    **train** and **valid** splits without the other modalities
+    (:meth:`MultimodalSplit.without`: absent from every sample, every batch and
+    every protocol condition on them), the **test** split unchanged. ``present``
+    empty: this data set. The same object when the view is already this one.
+
+    Example:
+      >>> ds.training_view(("text", "audio")).splits["train"].absent   # ('vision',)
+    """
+    present = tuple(present)
+    if not present:
+      return self
+    unknown = [m for m in present if m not in self.modality_names]
+    if unknown or len(set(present)) != len(present):
+      raise DataError(f"data set {self.name!r}: present {present} must name modalities of "
+                      f"{self.modality_names} once each")
+    absent = tuple(m for m in self.modality_names if m not in present)
+    if all(tuple(self.splits[s].absent) == absent for s in ("train", "valid")):
+      return self
+    splits = dict(self.splits)
+    for s in ("train", "valid"):
+      splits[s] = splits[s].without(absent)
+    return dataclasses.replace(self, splits=splits,
+                               meta={**self.meta, "train_present": list(present)})
 
   def describe(self) -> str:
     """A markdown description: modalities, shapes, classes, split sizes."""

@@ -153,7 +153,9 @@ class MethodSpec(NamedTuple):
       settings leaves the empty default.
     build: ``build(settings, config, model, dataset) -> Method``; may raise
       :class:`~modalimmune_jax.schema.ConfigError` for settings that do not fit
-      the data (naming the key), before anything compiles.
+      the data (naming the key), before anything compiles. ``dataset`` is the
+      one the run sees (with ``train.present``, its train and valid splits lack
+      the other modalities), so batches a method draws from it lack them too.
     search: ``compare``'s tuning trials, each a dict of dotted config
       overrides (every built-in method has 3).
     model_parts: ``settings -> dict`` of extra

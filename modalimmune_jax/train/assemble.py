@@ -117,9 +117,12 @@ def setup(config: ml_collections.ConfigDict,
   :func:`~modalimmune_jax.build.make_optimizer`; the method's transforms are
   put in front of it either way (and its ``post_transforms`` after it).
   ``num_devices`` defaults to ``config.train.num_devices``. ``model`` replaces
-  the configured model (any NNX module with ``MultimodalModel``'s call).
+  the configured model (any NNX module with ``MultimodalModel``'s call). A given
+  ``dataset`` is seen as the config's run sees it
+  (:func:`~modalimmune_jax.build.training_view`, ``train.present``).
   """
-  dataset = dataset or build.load_data(config)
+  dataset = (build.load_data(config) if dataset is None
+             else build.training_view(config, dataset))
   mesh = make_mesh(config.train.num_devices if num_devices is None else num_devices)
   if config.train.batch_size % mesh.devices.size:
     raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "

@@ -95,6 +95,9 @@ def render_results(record: dict, result: protocol.ProtocolResult) -> str:
       f"- training: {record['steps']} steps, batch {cfg['train']['batch_size']}, "
       f"{record['train_seconds_total']:.1f} s in all, {record['nonfinite_skipped']} non-finite "
       "steps skipped",
+      *([f"- trained on {', '.join(cfg['train']['present'])} only (`train.present`: the other "
+         "modalities absent from the train and valid splits; the test split has every one)"]
+        if cfg["train"].get("present") else []),
       "",
       result.to_markdown(digits=4),
       "",

@@ -11,6 +11,7 @@ from typing import Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from modalimmune_jax.build import training_view
 from modalimmune_jax.checkpoint import Checkpointer
 from modalimmune_jax.schema import ConfigError
 from modalimmune_jax.step import fault_names, host_copy, split_arrays
@@ -37,6 +38,7 @@ class Run:
   writes the run's files."""
 
   def __init__(self, config, workdir, dataset, method, on_change):
+    dataset = training_view(config, dataset)  # train.present (load_data applied it already)
     self.config, self.workdir, self.dataset = config, workdir, dataset
     self.is_main = jax.process_index() == 0
     for split, counts in dataset.meta.get("nonfinite", {}).items():
