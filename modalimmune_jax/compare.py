@@ -102,82 +102,45 @@ from ml_collections import config_flags
 from modalimmune_jax import methods, protocol
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for every run and the comparison.")
-flags.DEFINE_list("methods", ["plain", "dropout", "modalimmune"], "Methods to compare.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each trains and evaluates once).")
-flags.DEFINE_bool("tune", True, "Spend the tuning budget (each method's search space) on the "
-                  "valid split first.")
-flags.DEFINE_bool("ablation", False, "Compare the ablation rows of --ablation_method instead.")
-flags.DEFINE_string("ablation_method", "modalimmune", "The method whose ablation rows "
-                    "(MethodSpec.ablations) --ablation compares.")
-flags.DEFINE_bool("reference", True, "Fit and print the linear reference and the per-subset "
-                  "specialists (headroom).")
-flags.DEFINE_bool("together", False, "Train the seeds of a method as one vmapped program "
-                  "(train.train_seeds) where the method allows it; per-seed work directories "
-                  "either way.")
-flags.DEFINE_string("shard", None, "i/N: be worker i of N on a shared --workdir: train only "
-                    "the work units k with k mod N == i (see work_units), render nothing; "
-                    "then --collect.")
-flags.DEFINE_bool("collect", False, "Train nothing: render the comparison from the finished "
-                  "runs in --workdir (exit 2 naming the missing ones).")
-flags.DEFINE_float("shard_wait", 86400.0, "With --shard: the most seconds a worker waits for "
-                   "the other shards' tuning trials with none of them finishing (then exit 3).")
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:variant]).",
-                                lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs (:func:`run`), not on import: the
+  library functions here are imported by other commands and experiments, which
+  define flags of their own (``tune``'s ``--workdir``, ``--collect``)."""
+  if "workdir" in FLAGS:  # defined already (this command's run() called twice)
+    return
+
+  flags.DEFINE_string("workdir", None, "Directory for every run and the comparison.")
+  flags.DEFINE_list("methods", ["plain", "dropout", "modalimmune"], "Methods to compare.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each trains and evaluates once).")
+  flags.DEFINE_bool("tune", True, "Spend the tuning budget (each method's search space) on the "
+                    "valid split first.")
+  flags.DEFINE_bool("ablation", False, "Compare the ablation rows of --ablation_method instead.")
+  flags.DEFINE_string("ablation_method", "modalimmune", "The method whose ablation rows "
+                      "(MethodSpec.ablations) --ablation compares.")
+  flags.DEFINE_bool("reference", True, "Fit and print the linear reference and the per-subset "
+                    "specialists (headroom).")
+  flags.DEFINE_bool("together", False, "Train the seeds of a method as one vmapped program "
+                    "(train.train_seeds) where the method allows it; per-seed work directories "
+                    "either way.")
+  flags.DEFINE_string("shard", None, "i/N: be worker i of N on a shared --workdir: train only "
+                      "the work units k with k mod N == i (see work_units), render nothing; "
+                      "then --collect.")
+  flags.DEFINE_bool("collect", False, "Train nothing: render the comparison from the finished "
+                    "runs in --workdir (exit 2 naming the missing ones).")
+  flags.DEFINE_float("shard_wait", 86400.0, "With --shard: the most seconds a worker waits for "
+                     "the other shards' tuning trials with none of them finishing (then exit 3).")
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:variant]).",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 MISSING_KINDS = protocol.MISSING_KINDS
 selection_score = protocol.selection_score
-
-
-def finished(config, workdir: str, quiet: bool = False) -> dict | None:
-  """``results.json`` of a finished run of ``config`` in ``workdir``, or None
-  (``quiet``: without the "done already" line).
-
-  The run's config must equal ``config`` except in the other methods' sections
-  (:func:`modalimmune_jax.config.differences`) and the keys that only change
-  what is logged (:data:`~modalimmune_jax.config.LOGGING_ONLY`): a key added to
-  EBR's section does not make the finished plain runs stale, one added to
-  plain's would.
-  """
-  from modalimmune_jax.config import LOGGING_ONLY, differences
-  path = os.path.join(workdir, "results.json")
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    record = json.load(f)
-  diff = differences(record.get("config") or {}, config, ignore=LOGGING_ONLY)
-  if not diff:
-    if not quiet:
-      print(f"done already: {workdir}", file=sys.stderr)
-    return record
-  from modalimmune_jax.train import WorkdirError
-  listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diff[:4])
-  more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
-  raise WorkdirError(f"{workdir} holds a finished run of another config ({listed}{more}); "
-                     "move it away or choose another --workdir")
-
-
-def run_seeds(config, seeds, workdirs, together: bool = False) -> list[dict]:
-  """``results.json`` of ``config`` at each seed, training (or finishing) those
-  not done: as one vmapped program when ``together`` (see
-  :func:`modalimmune_jax.train.train_seeds`)."""
-  from modalimmune_jax import train
-  from modalimmune_jax.config import with_overrides
-  records = {s: finished(with_overrides(config, {"seed": s}), w) for s, w in zip(seeds, workdirs)}
-  todo = [(s, w) for s, w in zip(seeds, workdirs) if records[s] is None]
-  if todo:
-    train.train_seeds(config, [s for s, _ in todo], [w for _, w in todo], together=together)
-    for s, w in todo:
-      with open(os.path.join(w, "results.json")) as f:
-        records[s] = json.load(f)
-  return [records[s] for s in seeds]
-
-
-def run_once(config, workdir: str) -> dict:
-  """``results.json`` of a run, training it (or finishing it) if needed."""
-  return run_seeds(config, [config.seed], [workdir])[0]
+# The finished-run reuse lives in the training package (no flags there), so that
+# other commands (tune) and experiments import it without compare's flags.
+from modalimmune_jax.train.seeds import finished, run_once, run_seeds  # noqa: E402
 
 
 def trial_dir(workdir: str, label: str, trial: int) -> str:
@@ -907,6 +870,7 @@ def main(argv) -> int:
 
 def run() -> None:
   from modalimmune_jax import cli
+  define_flags()
   cli.run(main)
 
 

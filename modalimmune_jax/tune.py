@@ -5,7 +5,7 @@
 
 Every trial trains one run of ``with_overrides(config, sampled)`` with
 ``eval.split = valid`` in its own work directory ``WORKDIR/trials/<number>``
-(:func:`modalimmune_jax.compare.run_once`: a rerun resumes or reuses it) and
+(:func:`modalimmune_jax.train.run_once`: a rerun resumes or reuses it) and
 scores it by the selection score (:func:`modalimmune_jax.protocol.selection_score`:
 the headline metric averaged over ``full`` and every missing-modality
 condition), maximised (minimised for MAE). The test split never enters a
@@ -83,26 +83,35 @@ from typing import Any, NamedTuple
 import optuna
 from absl import flags
 
-# compare defines --workdir and --config (the same meaning here: the search's
-# directory, the base config) and flags of its own, which tune refuses when given.
-from modalimmune_jax import compare
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("space", "modalimmune", "Search space: a name of tune.SPACES "
-                    "(modalimmune, plain, optim) or method:<name> (the method's search rows).")
-flags.DEFINE_integer("trials", 20, "COMPLETE trials the study should hold, over all workers.",
-                     lower_bound=1)
-flags.DEFINE_enum("sampler", "tpe", ["tpe", "random", "grid"], "Optuna sampler.")
-flags.DEFINE_string("storage", "", "Optuna RDB storage URL (default sqlite:///WORKDIR/study.db); "
-                    "{NAME} is filled from the environment.")
-flags.DEFINE_string("study", "", "Study name (default: <data.name>-<space>).")
-flags.DEFINE_integer("seed", 0, "Seed of the sampler (not of the training runs: config.seed).")
-flags.DEFINE_integer("heartbeat", 60, "Seconds between a running trial's heartbeats; a trial "
-                     "silent for 3 heartbeats is taken as killed and retried.", lower_bound=1)
-flags.DEFINE_bool("collect", False, "Only write tuning.md / .json / .png of the study; "
-                  "run no trial.")
-flags.declare_key_flag("workdir")
-flags.declare_key_flag("config")
+
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs (:func:`run`), not on import (see
+  ``compare.define_flags``)."""
+  if "workdir" in FLAGS:  # defined already (this command's run() called twice)
+    return
+
+  flags.DEFINE_string("workdir", None, "Directory of the study's runs and report.")
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:variant]): the "
+                                  "base config every trial overrides.", lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
+  flags.DEFINE_string("space", "modalimmune", "Search space: a name of tune.SPACES "
+                      "(modalimmune, plain, optim) or method:<name> (the method's search rows).")
+  flags.DEFINE_integer("trials", 20, "COMPLETE trials the study should hold, over all workers.",
+                       lower_bound=1)
+  flags.DEFINE_enum("sampler", "tpe", ["tpe", "random", "grid"], "Optuna sampler.")
+  flags.DEFINE_string("storage", "", "Optuna RDB storage URL (default sqlite:///WORKDIR/study.db); "
+                      "{NAME} is filled from the environment.")
+  flags.DEFINE_string("study", "", "Study name (default: <data.name>-<space>).")
+  flags.DEFINE_integer("seed", 0, "Seed of the sampler (not of the training runs: config.seed).")
+  flags.DEFINE_integer("heartbeat", 60, "Seconds between a running trial's heartbeats; a trial "
+                       "silent for 3 heartbeats is taken as killed and retried.", lower_bound=1)
+  flags.DEFINE_bool("collect", False, "Only write tuning.md / .json / .png of the study; "
+                    "run no trial.")
+
 
 __all__ = ["Float", "Choice", "Space", "SPACES", "space", "trial_overrides", "grid",
            "make_sampler", "trial_config", "override_flags", "records", "render",
@@ -169,7 +178,7 @@ def space(name: str) -> Space:
     if method not in methods.names():
       raise cli.FlagError(f"--space={name}: unknown method {method!r}; known "
                           f"{list(methods.names())}")
-    rows = compare.search_space(method)
+    rows = tuple(methods.get(method).search) or ({},)
     return Space(f"{method}'s own search rows (MethodSpec.search)",
                  {ROW: Choice(tuple(range(len(rows))))}, {"method.name": method}, rows)
   if name not in SPACES:
@@ -535,7 +544,7 @@ def make_objective(study, storage, base, s: Space, workdir: str, target: int, me
   from optuna.trial import TrialState
 
   from modalimmune_jax.protocol import selection_score
-  from modalimmune_jax.train import Interrupted, NonFiniteError
+  from modalimmune_jax.train import Interrupted, NonFiniteError, run_once
 
   def objective(trial) -> float:
     trials = study.get_trials(deepcopy=False)
@@ -553,7 +562,7 @@ def make_objective(study, storage, base, s: Space, workdir: str, target: int, me
     trial.set_user_attr("run_dir", run_dir)
     trial.set_user_attr("overrides", json.loads(json.dumps(overrides)))
     try:
-      record = compare.run_once(cfg, run_dir)
+      record = run_once(cfg, run_dir)
     except Interrupted:
       # SIGTERM / SIGINT: the run saved its checkpoint; queue the trial again so
       # that the next worker resumes it (the heartbeat retries only killed ones)
@@ -601,11 +610,6 @@ def main(argv) -> int:
   del argv
   from modalimmune_jax import cli
   cli.quiet_logging()
-  own = {"workdir", "config"}
-  foreign = [f"--{f.name}" for f in FLAGS.get_flags_for_module(compare.__name__)
-             if f.name not in own and f.present]
-  if foreign:
-    raise cli.FlagError(f"{foreign[0]}: a flag of compare, not of tune")
   base = FLAGS.config
   s = space(FLAGS.space)
   if FLAGS.sampler == "grid" and FLAGS.trials > grid_size(s):
@@ -706,6 +710,7 @@ def main(argv) -> int:
 
 def run() -> None:
   from modalimmune_jax import cli
+  define_flags()
   cli.run(main)
 
 

@@ -29,7 +29,8 @@ Example:
 from modalimmune_jax.build import load_data, make_optimizer
 from modalimmune_jax.train.evaluation import eval_conditions, evaluate_split
 from modalimmune_jax.train.report import render_results
-from modalimmune_jax.train.seeds import train_and_evaluate, train_seeds
+from modalimmune_jax.train.seeds import (finished, run_once, run_seeds, train_and_evaluate,
+                                         train_seeds)
 from modalimmune_jax.train.assemble import Batches, Setup, build_model, make_predict_fn, setup
 from modalimmune_jax.train.workdir import (Interrupted, NonFiniteError, WorkdirError,
                                            check_workdir)
@@ -37,5 +38,5 @@ from modalimmune_jax.train.workdir import (Interrupted, NonFiniteError, WorkdirE
 __all__ = [
     "NonFiniteError", "WorkdirError", "Interrupted", "load_data", "check_workdir",
     "build_model", "make_optimizer", "make_predict_fn", "Batches", "Setup", "setup",
-    "train_and_evaluate", "train_seeds", "eval_conditions", "evaluate_split", "render_results",
+    "train_and_evaluate", "train_seeds", "finished", "run_once", "run_seeds", "eval_conditions", "evaluate_split", "render_results",
 ]

@@ -1,9 +1,15 @@
 """The entry points: one run (:func:`train_and_evaluate`) or several seeds of one
-config, as one vmapped program where they allow it (:func:`train_seeds`)."""
+config, as one vmapped program where they allow it (:func:`train_seeds`); and
+the same reusing what is done (:func:`run_once`, :func:`run_seeds`: a finished
+run of the same config is read back, :func:`finished`, an unfinished one
+resumes), as ``compare``, ``tune`` and the experiments run them."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -17,7 +23,7 @@ from modalimmune_jax.step import device_batch, make_periodic_step, make_train_st
 from modalimmune_jax.train.loop import train_loop
 from modalimmune_jax.train.run import Run
 from modalimmune_jax.train.assemble import make_predict_fn
-from modalimmune_jax.train.workdir import check_workdir
+from modalimmune_jax.train.workdir import WorkdirError, check_workdir
 
 __all__ = ["train_and_evaluate", "train_seeds", "one_program"]
 
@@ -100,6 +106,52 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int],
       r.open(predict, grouped=len(group) > 1)
     summaries += train_loop(group, predict, vmapped=len(group) > 1)
   return summaries
+
+
+def finished(config, workdir: str, quiet: bool = False) -> dict | None:
+  """``results.json`` of a finished run of ``config`` in ``workdir``, or None
+  (``quiet``: without the "done already" line).
+
+  The run's config must equal ``config`` except in the other methods' sections
+  (:func:`modalimmune_jax.config.differences`) and the keys that only change
+  what is logged (:data:`~modalimmune_jax.config.LOGGING_ONLY`): a key added to
+  EBR's section does not make the finished plain runs stale, one added to
+  plain's would.
+  """
+  from modalimmune_jax.config import LOGGING_ONLY, differences
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  diff = differences(record.get("config") or {}, config, ignore=LOGGING_ONLY)
+  if not diff:
+    if not quiet:
+      print(f"done already: {workdir}", file=sys.stderr)
+    return record
+  listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diff[:4])
+  more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+  raise WorkdirError(f"{workdir} holds a finished run of another config ({listed}{more}); "
+                     "move it away or choose another --workdir")
+
+
+def run_seeds(config, seeds, workdirs, together: bool = False) -> list[dict]:
+  """``results.json`` of ``config`` at each seed, training (or finishing) those
+  not done: as one vmapped program when ``together`` (see
+  :func:`train_seeds`)."""
+  records = {s: finished(with_overrides(config, {"seed": s}), w) for s, w in zip(seeds, workdirs)}
+  todo = [(s, w) for s, w in zip(seeds, workdirs) if records[s] is None]
+  if todo:
+    train_seeds(config, [s for s, _ in todo], [w for _, w in todo], together=together)
+    for s, w in todo:
+      with open(os.path.join(w, "results.json")) as f:
+        records[s] = json.load(f)
+  return [records[s] for s in seeds]
+
+
+def run_once(config, workdir: str) -> dict:
+  """``results.json`` of a run, training it (or finishing it) if needed."""
+  return run_seeds(config, [config.seed], [workdir])[0]
 
 
 def _seed_dependent_data(config: ml_collections.ConfigDict) -> bool:
