@@ -37,7 +37,8 @@ import subprocess
 import sys
 
 from harness import CONFIGS, ROOT, get_config, log, parser, write_results
-from modalimmune_jax.compare import aggregate, paired_differences, run_once, run_seeds
+from modalimmune_jax.compare import (aggregate, mean_std_cell, paired_cell,
+                                     paired_differences, run_once, run_seeds)
 from modalimmune_jax.config import with_overrides
 from modalimmune_jax.protocol import selection_score
 
@@ -129,21 +130,16 @@ def main(argv=None):
     best = tunings[s]["best"]
     choices[f"{s} (Optuna, {args.trials} trials)"] = with_overrides(
         fixed, {k: v for k, v in best["overrides"].items() if k != "method.name"})
-  records = {}
-  for label, cfg in choices.items():
-    name = label.split(" ")[0]
-    records[label] = run_seeds(cfg, seeds, [os.path.join(args.workdir, "test", name,
+  records, trained = {}, {}  # a choice equal to an earlier one (TPE's random start-up
+  for label, cfg in choices.items():  # trials are random search's) is not trained again
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    if key not in trained:
+      name = label.split(" ")[0]
+      trained[key] = run_seeds(cfg, seeds, [os.path.join(args.workdir, "test", name,
                                                          f"seed{s}") for s in seeds])
+    records[label] = trained[key]
   agg = aggregate(records, metric)
   paired = paired_differences(agg, FIXED)
-
-  def pm(entry):
-    return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}"
-
-  def diff(entry):
-    if entry.get("lo") is None:
-      return f"{100 * entry['mean']:+.2f}"
-    return f"{100 * entry['mean']:+.2f} [{100 * entry['lo']:+.2f}, {100 * entry['hi']:+.2f}]"
 
   costs = {FIXED: points[FIXED][0], BHGD: points[BHGD][0]}
   valid_best = {FIXED: points[FIXED][1], BHGD: points[BHGD][1]}
@@ -162,8 +158,9 @@ def main(argv=None):
   for label in choices:
     d = paired.get(label, {}).get("mean missing")
     lines.append(f"| {label} | {100 * valid_best[label]:.2f} | {costs[label]:.0f} | "
-                 f"{pm(agg[label]['full'])} | {pm(agg[label]['mean missing'])} | "
-                 f"{diff(d) if d else '—'} |")
+                 f"{mean_std_cell(agg[label]['full'], 100)} | "
+                 f"{mean_std_cell(agg[label]['mean missing'], 100)} | "
+                 f"{paired_cell(d, 100, len(seeds)) if d else '—'} |")
   lines += ["", "Chosen settings (the Optuna samplers' best trial on valid):", ""]
   for s in SAMPLERS:
     lines.append(f"- {s}: `{' '.join(tunings[s]['best_flags'])}`")

@@ -53,7 +53,8 @@ import numpy as np
 from harness import RESULTS, ROOT, get_config, log, parser, write_results
 from modalimmune_jax import build
 from modalimmune_jax import methods as methods_lib
-from modalimmune_jax.compare import aggregate, paired_differences, removal_name, run_seeds
+from modalimmune_jax.compare import (aggregate, mean_std_cell, paired_cell,
+                                     paired_differences, removal_name, run_seeds)
 
 NAME = "zero_shot"
 DATA = {  # name -> (config file, variant, committed comparison whose choice is used)
@@ -132,31 +133,15 @@ def run_pair(data: str, pair, method_names, seeds, settings: dict, workdir: str,
   }
 
 
-def _signed(x: float) -> str:
-  x = 0.0 if abs(x) < 0.005 else x
-  return f"{x:+.2f}".replace("-", "\u2212")
-
-
-def paired_cell(entry: dict | None) -> str:
-  """``+1.23 [−0.40, +2.86]`` in points, bold where the interval excludes 0."""
-  if not entry or entry.get("mean") is None:
-    return "n/a"
-  text = _signed(100 * entry["mean"])
-  if entry["lo"] is None:
-    return text + " (1 seed)"
-  text += f" [{_signed(100 * entry['lo'])}, {_signed(100 * entry['hi'])}]"
-  return f"**{text}**" if entry["lo"] > 0 or entry["hi"] < 0 else text
-
-
 def render(points: list[dict], seeds, settings_note: dict) -> list[str]:
   lines = ["Trained with only the training subset present (`train.present`: absent from the "
            "train and valid splits), tested on the **test** split (every modality) under the "
            "test subset's fixed-removal condition. Mean ± std over seeds "
            f"{','.join(map(str, seeds))}, in points; paired differences to plain and dropout "
            "(method − baseline, same seed) with 95 % t intervals over seeds, bold where the "
-           "interval excludes 0. Last column, for scale: the same metric under the training "
-           "subset's own condition. The paper claims up to +7.9 points (text+audio -> "
-           "text+vision).", ""]
+           "interval excludes 0, (n=k) where only k seeds paired. Last column, for scale: "
+           "the same metric under the training subset's own condition. The paper claims up "
+           "to +7.9 points (text+audio -> text+vision).", ""]
   for data in dict.fromkeys(p["data"] for p in points):
     rows = [p for p in points if p["data"] == data]
     metric = rows[0]["metric"]
@@ -166,11 +151,10 @@ def render(points: list[dict], seeds, settings_note: dict) -> list[str]:
     for p in rows:
       pair = f"{'+'.join(p['train_present'])} -> {'+'.join(p['test_present'])}"
       for m, t in p["aggregate"].items():
-        cell = lambda e: f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f}"
-        diff = lambda b: ("" if b == m else
-                          paired_cell(p["paired"].get(b, {}).get(m, {}).get("test")))
-        lines.append(f"| {pair} | {m} | {cell(t['test'])} | {diff('plain')} | "
-                     f"{diff('dropout')} | {cell(t['train'])} |")
+        diff = lambda b: ("" if b == m else paired_cell(
+            p["paired"].get(b, {}).get(m, {}).get("test"), 100, len(seeds)))
+        lines.append(f"| {pair} | {m} | {mean_std_cell(t['test'], 100)} | {diff('plain')} | "
+                     f"{diff('dropout')} | {mean_std_cell(t['train'], 100)} |")
     lines.append("")
   return lines
 

@@ -100,6 +100,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from modalimmune_jax import methods, protocol
+# the finished-run reuse lives in the training package (no flags there), re-exported here
+from modalimmune_jax.train.seeds import finished, run_once, run_seeds  # noqa: F401
 
 FLAGS = flags.FLAGS
 
@@ -138,9 +140,6 @@ def define_flags() -> None:
 
 MISSING_KINDS = protocol.MISSING_KINDS
 selection_score = protocol.selection_score
-# The finished-run reuse lives in the training package (no flags there), so that
-# other commands (tune) and experiments import it without compare's flags.
-from modalimmune_jax.train.seeds import finished, run_once, run_seeds  # noqa: E402
 
 
 def trial_dir(workdir: str, label: str, trial: int) -> str:
@@ -521,7 +520,8 @@ def search_space(name: str) -> tuple[dict, ...]:
   return tuple(methods.get(name).search) or ({},)
 
 
-def _cell(entry: dict, scale: float) -> str:
+def mean_std_cell(entry: dict, scale: float) -> str:
+  """``98.55 ± 0.51``: an aggregate entry's mean ± std, times ``scale``."""
   return f"{scale * entry['mean']:.2f} ± {scale * entry['std']:.2f}"
 
 
@@ -534,7 +534,7 @@ def _signed(x: float, digits: int = 2) -> str:
   return f"{x:+.{digits}f}".replace("-", _MINUS)
 
 
-def _paired_cell(entry: dict | None, scale: float, num_seeds: int) -> str:
+def paired_cell(entry: dict | None, scale: float, num_seeds: int) -> str:
   """``+0.42 [−0.10, +0.94]``, bold where the interval excludes 0, ``(n=k)``
   where fewer seeds than the comparison's were paired."""
   if not entry or entry["mean"] is None:
@@ -574,7 +574,7 @@ def _paired_tables(agg: dict, metric: str, paired: dict, room: dict, specialist:
            "| method | " + " | ".join(f"{c} − {b}" for b in bases for c in head) + " |",
            "|---|" + "---:|" * (len(head) * len(bases))]
   for label in labels:
-    cells = ["—" if label == b else _paired_cell(paired[b][label].get(c), scale, num_seeds)
+    cells = ["—" if label == b else paired_cell(paired[b][label].get(c), scale, num_seeds)
              for b in bases for c in head]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   if room:
@@ -589,7 +589,7 @@ def _paired_tables(agg: dict, metric: str, paired: dict, room: dict, specialist:
             "| condition | " + " | ".join(others) + (f" | specialist − {base}" if room else "")
             + " |", "|---|" + "---:|" * (len(others) + bool(room))]
   for c in rows:
-    cells = [_paired_cell(paired[base][lab].get(c), scale, num_seeds) for lab in others]
+    cells = [paired_cell(paired[base][lab].get(c), scale, num_seeds) for lab in others]
     if room:
       cells.append(_signed(scale * room[base][c]) if c in room[base] else "")
     lines.append(f"| {c} | " + " | ".join(cells) + " |")
@@ -624,7 +624,8 @@ def render(agg: dict, metric: str, *, title: str, dominant: str | None,
            "| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
   for label in labels:
     shown = f"{label} ({_label(label)})" if _label(label) else label
-    lines.append(f"| {shown} | " + " | ".join(_cell(agg[label][c], scale) for c in head) + " |")
+    lines.append(f"| {shown} | "
+                 + " | ".join(mean_std_cell(agg[label][c], scale) for c in head) + " |")
   if reference is not None:
     ref = reference["rows"]
     ref_missing = reference["mean_missing"]
@@ -663,7 +664,7 @@ def render(agg: dict, metric: str, *, title: str, dominant: str | None,
             + (" | specialist" if specialist else "") + " |",
             "|---|" + "---:|" * (len(labels) + bool(specialist))]
   for c in conds + ["mean missing"]:
-    cells = [_cell(agg[lab][c], scale) for lab in labels]
+    cells = [mean_std_cell(agg[lab][c], scale) for lab in labels]
     if specialist:
       v = specialist["mean_missing"] if c == "mean missing" else spec_rows.get(c)
       cells.append("" if v is None else f"{scale * v:.2f}"

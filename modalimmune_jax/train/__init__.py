@@ -38,5 +38,6 @@ from modalimmune_jax.train.workdir import (Interrupted, NonFiniteError, WorkdirE
 __all__ = [
     "NonFiniteError", "WorkdirError", "Interrupted", "load_data", "check_workdir",
     "build_model", "make_optimizer", "make_predict_fn", "Batches", "Setup", "setup",
-    "train_and_evaluate", "train_seeds", "finished", "run_once", "run_seeds", "eval_conditions", "evaluate_split", "render_results",
+    "train_and_evaluate", "train_seeds", "finished", "run_once", "run_seeds",
+    "eval_conditions", "evaluate_split", "render_results",
 ]
