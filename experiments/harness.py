@@ -122,15 +122,15 @@ class _Parser(argparse.ArgumentParser):
   for the backend not started yet, and the subprocesses): compilation is most of a smoke run, its timings mean
   nothing."""
 
-  def parse_args(self, args=None, namespace=None):
-    ns = super().parse_args(args, namespace)
+  def parse_known_args(self, args=None, namespace=None):  # parse_args comes through here
+    ns, extra = super().parse_known_args(args, namespace)
     quick = getattr(ns, "quick", False)
     if ns.out is None:
       ns.out = default_out(self.result_name, quick)
     if quick:
       from modalimmune_jax.provenance import quick_compile_xla_flags
       os.environ["XLA_FLAGS"] = quick_compile_xla_flags(os.environ.get("XLA_FLAGS", ""))
-    return ns
+    return ns, extra
 
 
 def parser(description: str | None, name: str, quick: bool = True,

@@ -72,6 +72,10 @@ turn (its spec's ``ablations``) instead of methods.
   otherwise; bold where the interval excludes 0; lower-is-better metrics keep
   the sign method - baseline) and every condition against dropout, with the
   specialist's headroom (specialist - the baseline's mean) beside.
+* **The field's metrics** (:func:`field_metrics`): every metric the task's
+  papers report (:data:`modalimmune_jax.metrics.FIELD`: MOSI / MOSEI Has0 and
+  Non0 Acc-2 and F1, Acc-5, Acc-7, MAE, Corr; IEMOCAP accuracy and F1 per
+  emotion), full and mean missing, mean ± std over seeds.
 * **Figure** (``comparison.png``, about 7 x 9.5 inches at 150 dpi for mfeat):
   one column per baseline (method - plain, method - dropout), one block per
   condition group (full; drop one; keep one; random missing rates; cell eta;
@@ -85,7 +89,8 @@ turn (its spec's ``ablations``) instead of methods.
   condition -> mean, lo, hi, n, seeds; in the metric's stored units,
   accuracies as fractions) with ``paired_how``, ``specialist`` (rows,
   mean_missing, skipped conditions, C per subset, fit seconds), ``headroom``
-  (baseline -> condition -> specialist - baseline mean), ``reference``, the
+  (baseline -> condition -> specialist - baseline mean), ``field`` (metric ->
+  label -> full / mean missing entries), ``reference``, the
   chosen settings, the validation scores of every trial, the provenance of
   every run.
 """
@@ -520,9 +525,45 @@ def search_space(name: str) -> tuple[dict, ...]:
   return tuple(methods.get(name).search) or ({},)
 
 
-def mean_std_cell(entry: dict, scale: float) -> str:
+def mean_std_cell(entry: dict, scale: float, digits: int = 2) -> str:
   """``98.55 ± 0.51``: an aggregate entry's mean ± std, times ``scale``."""
-  return f"{scale * entry['mean']:.2f} ± {scale * entry['std']:.2f}"
+  return f"{scale * entry['mean']:.{digits}f} ± {scale * entry['std']:.{digits}f}"
+
+
+FIELD_ROWS = ("full", "mean missing")
+
+
+def field_metrics(records: dict[str, list[dict]]) -> dict:
+  """The field's metrics (:data:`modalimmune_jax.metrics.FIELD` of the runs'
+  task, those the runs have) under ``full`` and the missing mean: per metric,
+  :func:`aggregate`'s entries for those two rows."""
+  from modalimmune_jax.metrics import FIELD
+  first = next(iter(records.values()))[0]
+  have = first["protocol"]["rows"][0]
+  names = [m for m in FIELD.get(first.get("task"), ()) if m in have]
+  return {"task": first.get("task"), "metrics": names,
+          "aggregate": {m: {label: {row: t[row] for row in FIELD_ROWS}
+                            for label, t in aggregate(records, m).items()} for m in names}}
+
+
+def render_field(field: dict, seeds) -> list[str]:
+  """Markdown tables of :func:`field_metrics`: one per row (full, mean missing),
+  methods down, metrics across, mean ± std over seeds."""
+  from modalimmune_jax.plots import percent_scale
+  names = field["metrics"]
+  if not names:
+    return []
+  labels = list(field["aggregate"][names[0]])
+  lines = ["", f"The field's metrics ({field['task']}; accuracies and F1 in %, MAE and Corr "
+           f"as they are), mean ± standard deviation over seeds {list(seeds)}:"]
+  for row in FIELD_ROWS:
+    lines += ["", f"*{row}*", "", "| method | " + " | ".join(names) + " |",
+              "|---|" + "---:|" * len(names)]
+    for label in labels:
+      cells = [mean_std_cell(field["aggregate"][m][label][row], percent_scale(m),
+                             2 if percent_scale(m) != 1.0 else 3) for m in names]
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return lines
 
 
 _MINUS = "\u2212"
@@ -599,11 +640,13 @@ def _paired_tables(agg: dict, metric: str, paired: dict, room: dict, specialist:
 def render(agg: dict, metric: str, *, title: str, dominant: str | None,
            reference: dict | None, runs_info: dict, chosen: dict,
            costs: dict | None = None, specialist: dict | None = None,
-           paired: dict | None = None, room: dict | None = None) -> str:
+           paired: dict | None = None, room: dict | None = None,
+           field: dict | None = None) -> str:
   """``comparison.md``: the headline table (mean ± std over seeds, the linear
   reference and the specialist beside), the paired differences
-  (:func:`paired_differences`) when ``paired``, every condition, the tuning and
-  the step costs. ``room``: :func:`headroom`."""
+  (:func:`paired_differences`) when ``paired``, the field's metrics
+  (:func:`field_metrics`) when ``field``, every condition, the tuning and the
+  step costs. ``room``: :func:`headroom`."""
   from modalimmune_jax.plots import percent_scale
   labels = list(agg)
   first = agg[labels[0]]
@@ -659,6 +702,8 @@ def render(agg: dict, metric: str, *, title: str, dominant: str | None,
   if paired:
     lines += _paired_tables(agg, metric, paired, room or {}, specialist,
                             len(runs_info["seeds"]))
+  if field:
+    lines += render_field(field, runs_info["seeds"])
   spec_rows = (specialist or {}).get("rows", {})
   lines += ["", "Every condition:", "", "| condition | " + " | ".join(labels)
             + (" | specialist" if specialist else "") + " |",
@@ -829,9 +874,10 @@ def main(argv) -> int:
   title = f"{kind} on {dataset.name}"
   dominant, info["dominant_how"] = dominant_modality(dataset, agg, metric == "MAE")
   costs = step_costs(chosen)
+  field = field_metrics(records)
   md = render(agg, metric, title=title, dominant=dominant, reference=reference,
               runs_info=info, chosen=chosen, costs=costs, specialist=specialist,
-              paired=paired, room=room)
+              paired=paired, room=room, field=field)
   from modalimmune_jax.reference import LOWER_IS_BETTER
   out = {"metric": metric, "title": title, "aggregate": agg,
          "paired": paired,
@@ -842,7 +888,7 @@ def main(argv) -> int:
                                     "lo/hi null with one seed",
                         "units": f"{metric} as stored (accuracies as fractions)",
                         "lower_is_better": metric in LOWER_IS_BETTER},
-         "specialist": specialist, "headroom": room,
+         "specialist": specialist, "headroom": room, "field": field,
          "chosen": chosen,
          "step_costs": costs, "together": FLAGS.together,
          "wall_seconds": time.perf_counter() - started,

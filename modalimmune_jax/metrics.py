@@ -36,6 +36,7 @@ __all__ = [
     "classification_metrics",
     "compute_metrics",
     "HEADLINE",
+    "FIELD",
 ]
 
 IEMOCAP_NAMES = ("neutral", "happy", "sad", "angry")
@@ -43,6 +44,16 @@ IEMOCAP_NAMES = ("neutral", "happy", "sad", "angry")
 # The metric a table sorts by / a plot shows first, per task.
 HEADLINE = {"regression": "Has0_acc_2", "classification": "accuracy",
             "multilabel": "acc_4class"}
+
+# The metrics a paper's table reports, per task, in the field's column order:
+# MOSI / MOSEI as MMSA's tables (Acc-2 and F1 both ways, Acc-5, Acc-7, MAE, Corr);
+# IEMOCAP as MulT's (accuracy and F1 per emotion).
+FIELD = {
+    "regression": ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score",
+                   "Mult_acc_5", "Mult_acc_7", "MAE", "Corr"),
+    "multilabel": tuple(f"{e}_{m}" for e in IEMOCAP_NAMES for m in ("acc", "F1")),
+    "classification": ("accuracy", "macro_f1"),
+}
 
 
 def accuracy(y_true, y_pred) -> float:

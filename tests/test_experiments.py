@@ -10,7 +10,9 @@
 * a real run, into ``tmp_path``, of the scripts whose smallest mode takes
   seconds: ``training_dynamics`` on a written ``metrics.jsonl``,
   ``collapse_vs_robustness`` and ``ebr_without_fill`` on a 2-step EBR run,
-  ``loop_vs_step --quick`` (the harness's timing loop), ``zero_shot --quick``; each result file
+  ``loop_vs_step --quick`` (the harness's timing loop), ``zero_shot --quick``,
+  ``real_benchmark --quick`` on generated MOSI / MOSEI / IEMOCAP files in MulT's
+  and MMSA's layouts; each result file
   carries its provenance. The other scripts' ``--quick`` runs take minutes
   (compilation) and are run by hand (``experiments/README.md`` lists them).
 
@@ -36,7 +38,7 @@ SCRIPTS = ("behaviour_digest", "bench_baselines", "bench_core", "bench_implicit"
            "bench_precision", "bench_train", "collapse_sweep", "collapse_vs_robustness",
            "ebr_variants", "ebr_widths", "ebr_without_fill", "fault_injection",
            "hypergrad_accuracy", "loop_vs_step", "methods_table", "overhead", "profile_step",
-           "soak", "training_dynamics", "tuning_mfeat", "tuning_toy", "zero_shot")
+           "real_benchmark", "soak", "training_dynamics", "tuning_mfeat", "tuning_toy", "zero_shot")
 
 
 def source(name: str) -> ast.Module:
@@ -257,6 +259,84 @@ def test_zero_shot_quick(tmp_path):
   pairs = script.mfeat_pairs(("a", "b", "c", "d", "e", "f"), 3)
   assert len(pairs) == 3 and all(len(set(x) & set(y)) == 1 for x, y in pairs)
   assert pairs == script.mfeat_pairs(("a", "b", "c", "d", "e", "f"), 3)  # a fixed sample
+
+
+def _benchmark_file(tmp_path, data: str) -> str:
+  """A generated file in a real layout, big enough for the smoke config's batch:
+  MOSI in MulT's aligned layout, MOSEI in MMSA's unaligned one, IEMOCAP in
+  MulT's unaligned one."""
+  import pickle
+
+  import numpy as np
+
+  from tests import fakes
+  rng = np.random.default_rng(0)
+  sizes = {"train": 40, "valid": 16, "test": 24}
+  if data == "mosei":
+    path, records = tmp_path / "unaligned_50.pkl", {
+        s: fakes.mmsa_record(n, rng, aligned=False, audio_width=74, vision_width=35)
+        for s, n in sizes.items()}
+  else:
+    name = {"mosi": "mosi_data.pkl", "iemocap": "iemocap_data.pkl"}[data]
+    path, records = tmp_path / name, {
+        s: fakes.mult_record(data, n, rng, aligned=data == "mosi") for s, n in sizes.items()}
+  with open(path, "wb") as f:
+    pickle.dump(records, f)
+  return str(path)
+
+
+@pytest.mark.parametrize("data,extra", [
+    ("mosi", []),  # the --quick defaults: plain and dropout, seeds 0 and 1
+    ("mosei", ["--methods", "plain", "--seeds", "0"]),
+    ("iemocap", ["--methods", "plain", "--seeds", "0"]),
+])
+def test_real_benchmark_quick(tmp_path, data, extra):
+  """One command from the user's file to the field's table, on each real layout:
+  compare's outputs copied, every field metric of the task in both rows, the
+  file's hash recorded."""
+  from modalimmune_jax.metrics import FIELD
+  script = load_script("real_benchmark")
+  path = _benchmark_file(tmp_path, data)
+  assert script.main(["--quick", "--data", data, "--file", path, "--workdir",
+                      str(tmp_path / "work"), "--out", str(tmp_path / "out"), *extra]) == 0
+  out = tmp_path / "out" / data
+  record = assert_results(out, "real_benchmark")
+  for name in script.COPIED:
+    assert (out / name).stat().st_size > 0
+  task = {"mosi": "regression", "mosei": "regression", "iemocap": "multilabel"}[data]
+  field = record["field"]
+  assert field["task"] == task and field["metrics"] == list(FIELD[task])
+  methods = ["plain", "dropout"] if not extra else ["plain"]
+  for metric in field["metrics"]:
+    assert list(field["aggregate"][metric]) == methods
+    for row in ("full", "mean missing"):
+      entry = field["aggregate"][metric]["plain"][row]
+      assert len(entry["values"]) == (2 if not extra else 1)
+      assert np_isfinite(entry["mean"])
+  assert record["file"]["sha256"] == script.sha256(path) and len(record["file"]["sha256"]) == 64
+  table = (out / "real_benchmark.md").read_text()
+  assert "*mean missing*" in table and f"| {' | '.join(FIELD[task])} |" in table
+  assert "the field's metrics" in (out / "comparison.md").read_text().lower()
+
+
+def np_isfinite(x) -> bool:
+  import math
+  return x is not None and math.isfinite(x)
+
+
+def test_real_benchmark_bad_file(tmp_path, capsys):
+  """A missing or unreadable file: exit with the file named, before anything
+  is compiled or any work directory made."""
+  script = load_script("real_benchmark")
+  work = tmp_path / "work"
+  with pytest.raises(SystemExit, match="no such file"):
+    script.main(["--data", "mosi", "--file", str(tmp_path / "nope.pkl"),
+                 "--workdir", str(work)])
+  bad = tmp_path / "mosi_data.pkl"
+  bad.write_bytes(b"not a pickle")
+  with pytest.raises(SystemExit, match=r"mosi_data\.pkl"):
+    script.main(["--data", "mosi", "--file", str(bad), "--workdir", str(work)])
+  assert not work.exists()
 
 
 def test_spearman_interval_resamples_whole_runs():
