@@ -2,7 +2,7 @@
 
     python experiments/zero_shot.py [--data synthetic mosi_shaped mfeat]
         [--methods plain,dropout,...] [--seeds 0,1,2,3,4] [--settings chosen|defaults]
-        [--mfeat_pairs 3] [--workdir runs/zero_shot] [--out DIR] [--quick]
+        [--mfeat_pairs 3] [--workdir runs/zero_shot] [--separately] [--out DIR] [--quick]
 
 The paper's claim (ModalImmune, ../shared/METHOD.md): trained on text+audio,
 tested on text+vision, up to +7.9 points over the baselines. Each method trains
@@ -24,7 +24,8 @@ fixed removals (``eval.removals = all``). Pairs (training subset -> test subset)
 
 Per (data set, pair, method), over ``--seeds`` (each in its own work directory
 ``WORKDIR/<data>/<train>__<test>/<method>/seed<k>``, resumed or skipped when
-done): the headline metric (accuracy; ``Has0_acc_2`` for the regression data)
+done; the seeds of a method train as one vmapped program unless ``--separately``,
+``modalimmune_jax.train.seeds.train_seeds``): the headline metric (accuracy; ``Has0_acc_2`` for the regression data)
 on the test split under the test subset's condition, mean ± std over seeds, and
 its paired differences to ``plain`` and ``dropout`` (those of them trained) with
 95 % t intervals over seeds (``compare.aggregate`` / ``compare.paired_differences``);
@@ -105,7 +106,7 @@ def pair_label(pair) -> str:
 
 
 def run_pair(data: str, pair, method_names, seeds, settings: dict, workdir: str,
-             quick: bool) -> dict:
+             quick: bool, together: bool = True) -> dict:
   """Every method's runs of one pair: aggregate, paired differences, the two rows."""
   name, variant, _ = DATA[data]
   train_set, test_set = pair
@@ -116,7 +117,7 @@ def run_pair(data: str, pair, method_names, seeds, settings: dict, workdir: str,
     config = get_config(name, "smoke" if quick else variant, overrides=overrides)
     dirs = [os.path.join(workdir, data, pair_label(pair), method, f"seed{s}") for s in seeds]
     log(f"{data} {'+'.join(train_set)} -> {'+'.join(test_set)}: {method}, seeds {seeds}")
-    records[method] = run_seeds(config, seeds, dirs)
+    records[method] = run_seeds(config, seeds, dirs, together)
     run_dirs[method] = dirs
     used[method] = settings.get(method, {})
   metric = records[method_names[0]][0]["headline_metric"]
@@ -172,6 +173,9 @@ def main(argv=None) -> int:
   p.add_argument("--mfeat_pairs", type=int, default=3,
                  help="mfeat pairs in the fixed sample (default: %(default)s)")
   p.add_argument("--workdir", default=os.path.join("runs", NAME))
+  p.add_argument("--separately", action="store_true",
+                 help="train a method's seeds one at a time, not as one vmapped program "
+                 "(the default; it compiles each method once per pair)")
   args = p.parse_args(argv)
   data_sets = args.data or (["synthetic"] if args.quick else list(DATA))
   method_names = (args.methods.split(",") if args.methods else
@@ -202,7 +206,7 @@ def main(argv=None) -> int:
       settings, notes[data] = {}, "every method at the config's defaults"
     for pair in pairs:
       points.append(run_pair(data, pair, method_names, seeds, settings, args.workdir,
-                             args.quick))
+                             args.quick, together=not args.separately))
   record = {"points": points, "seeds": seeds, "methods": method_names,
             "settings": args.settings, "settings_note": notes,
             "mfeat_pairs": {"count": args.mfeat_pairs, "seed": PAIR_SEED,
