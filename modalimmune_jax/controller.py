@@ -61,16 +61,19 @@ def intensities(scores: jax.Array, tau: float, explore: float) -> jax.Array:
 
 
 def information_gain(loss_of: Callable[[jax.Array], jax.Array],
-                     num_modalities: int) -> jax.Array:
+                     num_modalities: int, batched: bool = False) -> jax.Array:
   """``IG_m = loss_of(all but m) - loss_of(all)`` for each modality ``m``.
 
   ``loss_of(keep)`` takes an ``(M,)`` boolean row (which modalities are
   present) and returns the scalar loss on the batch with the others removed.
-  The ``M + 1`` evaluations run as one ``vmap``.
+  The ``M + 1`` evaluations run as one ``vmap``; with ``batched``, ``loss_of``
+  takes all ``(M + 1, M)`` rows at once (the first keeps every modality) and
+  returns their ``(M + 1,)`` losses, for a caller that shares work between
+  the rows (ModalImmune encodes the batch once and fuses it ``M + 1`` times).
   """
   rows = jnp.concatenate([jnp.ones((1, num_modalities), bool),
                           ~jnp.eye(num_modalities, dtype=bool)])
-  losses = jax.vmap(loss_of)(rows)
+  losses = loss_of(rows) if batched else jax.vmap(loss_of)(rows)
   return losses[1:] - losses[0]
 
 

@@ -469,11 +469,20 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
     # are already the global batch's and equal on every device
     data = state.ctrl_data if held_out else batch
 
-    def loss_of(keep):
-      b = remove_modalities(data, keep, names)
-      return model.task_loss(model.apply(params, b, None, train=False)["outputs"],
-                             b["labels"])
-    ig = ctrl.information_gain(loss_of, m)
+    def losses_of(rows):
+      # The encoders run once: a removed modality's embedding never reaches the
+      # fusion (its token is the fill, and the generator's context leaves it
+      # out), so removing it is switching its presence off after the encoders.
+      # The hook repeats the embeddings once per row, with the row's presence;
+      # equal to removing each modality from the inputs (tests/test_methods.py).
+      def per_row(z, present):
+        r = rows.shape[0]
+        return (jnp.broadcast_to(z[None], (r, *z.shape)).reshape(-1, *z.shape[1:]),
+                (present[None] & rows[:, None, :]).reshape(-1, m))
+      out = model.apply(params, data, None, train=False, hook=per_row)["outputs"]
+      out = out.reshape(rows.shape[0], -1, *out.shape[1:])
+      return jax.vmap(model.task_loss, in_axes=(0, None))(out, data["labels"])
+    ig = ctrl.information_gain(losses_of, m, batched=True)
     c = ctrl.update(state.controller, ig, decay=s.ctrl_decay, tau=s.ctrl_tau,
                     explore=s.ctrl_explore, axis_name=None if held_out else axis_name)
     state = state._replace(controller=c)
