@@ -39,7 +39,9 @@ command with waiting rather than two phases (tune, then seeds): every array
 task runs the same line, the scheduler needs no dependency between two arrays,
 and a method's seeds start as soon as its tuning is done. No deadlock: every
 worker finishes its own trials before it waits; no duplicate: each unit has one
-shard. A worker that waits ``--shard_wait`` seconds (a day) with none of the
+shard. The first worker writes the plan (``shard_plan.json``: rows, configs,
+seeds, tuning, ``--together``); a later worker or ``--collect`` given other
+flags is refused naming the difference (:func:`check_plan`). A worker that waits ``--shard_wait`` seconds (a day) with none of the
 awaited trials finishing (one killed, say) exits 3 naming them and their
 shards; rerun those (they resume). ``--collect`` trains nothing: with runs
 missing it exits 2 naming them, else it renders what an unsharded run renders
@@ -218,6 +220,51 @@ def work_units(trials: dict[str, int], seeds, together: bool = False) -> list[tu
 def shard_units(units: list[tuple], index: int, count: int) -> list[tuple]:
   """The units of shard ``index`` of ``count``: every ``count``-th from ``index``."""
   return units[index::count]
+
+
+PLAN_FILE = "shard_plan.json"
+
+
+def check_plan(workdir: str, rows: dict, seeds, tuning: bool, together: bool) -> None:
+  """Every worker of one shared ``workdir`` must deal the same plan: the first
+  to start writes it (``PLAN_FILE``: the rows and their configs, the seeds,
+  tuning and ``--together``; created exclusively, so two workers starting at
+  once cannot both write), every later worker and ``--collect`` compare theirs
+  with it and raise :class:`~modalimmune_jax.cli.FlagError` naming the first
+  difference (a worker given other ``--methods``, ``--seeds`` or config flags
+  would deal other units, and its runs would silently not be the ones awaited).
+  Keys that only change what is logged may differ."""
+  from modalimmune_jax import cli
+  from modalimmune_jax.config import LOGGING_ONLY, differences
+  plan = {"rows": {label: cfg.to_dict() for label, cfg in rows.items()},
+          "seeds": [int(x) for x in seeds], "tune": bool(tuning), "together": bool(together)}
+  path = os.path.join(workdir, PLAN_FILE)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(plan, f, indent=1, default=str)
+  try:
+    os.link(tmp, path)  # atomic, and fails if a plan is there already
+    return
+  except FileExistsError:
+    pass
+  finally:
+    os.remove(tmp)
+  with open(path) as f:
+    old = json.load(f)
+  where = f"{path} (written by the first worker)"
+  for key, flag in (("seeds", "--seeds"), ("tune", "--tune"), ("together", "--together")):
+    if old[key] != plan[key]:
+      raise cli.FlagError(f"{flag} {plan[key]!r} differs from the plan in {where}: "
+                          f"{old[key]!r}; give every worker the same flags")
+  if list(old["rows"]) != list(plan["rows"]):
+    raise cli.FlagError(f"the rows {list(plan['rows'])} (--methods / --ablation) differ from "
+                        f"the plan in {where}: {list(old['rows'])}")
+  for label, cfg in rows.items():
+    diff = differences(old["rows"][label], cfg, ignore=LOGGING_ONLY)
+    if diff:
+      key, a, b = diff[0]
+      raise cli.FlagError(f"config key {key!r} of {label!r} is {b!r} here but {a!r} in the "
+                          f"plan in {where}; give every worker the same config and flags")
 
 
 POLL_SECONDS = 1.0  # how often a worker looks for the other shards' tuning trials
@@ -818,6 +865,8 @@ def main(argv) -> int:
       raise cli.FlagError(f"--collect: {len(missing)} run(s) not finished: {_some(missing)} "
                           "(run every --shard=i/N worker first; they resume)")
   os.makedirs(FLAGS.workdir, exist_ok=True)
+  if shard is not None or FLAGS.collect:
+    check_plan(FLAGS.workdir, rows, seeds, tuning, FLAGS.together)
   cli.enable_compile_cache()
   if shard is not None:
     try:

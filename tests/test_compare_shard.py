@@ -136,6 +136,28 @@ def _without_timing(table: dict) -> dict:
 
 
 @pytest.mark.slow
+def test_every_worker_must_deal_the_plan_the_first_one_wrote(tmp_path):
+  """The first worker writes the plan; a worker (or --collect) with other seeds, rows,
+  tuning or config keys is refused naming the difference; logging keys may differ."""
+  from modalimmune_jax.cli import FlagError
+  rows, work = _rows(), str(tmp_path)
+  compare.check_plan(work, rows, [0, 1], True, False)
+  assert json.loads((tmp_path / compare.PLAN_FILE).read_text())["seeds"] == [0, 1]
+  compare.check_plan(work, rows, [0, 1], True, False)  # the same plan: fine
+  logged = {k: with_overrides(c, {"train.log_every": 1}) for k, c in rows.items()}
+  compare.check_plan(work, logged, [0, 1], True, False)
+  with pytest.raises(FlagError, match=r"^--seeds \[0, 2\] differs .*: \[0, 1\]"):
+    compare.check_plan(work, rows, [0, 2], True, False)
+  with pytest.raises(FlagError, match=r"^--together"):
+    compare.check_plan(work, rows, [0, 1], True, True)
+  with pytest.raises(FlagError, match=r"rows \['plain'\]"):
+    compare.check_plan(work, _rows(("plain",)), [0, 1], True, False)
+  other = dict(rows, dropout=with_overrides(rows["dropout"], {"method.dropout.rate": 0.9}))
+  with pytest.raises(FlagError, match=r"^config key 'method.dropout.rate' of 'dropout' is 0.9"):
+    compare.check_plan(work, other, [0, 1], True, False)
+  assert sorted(os.listdir(work)) == [compare.PLAN_FILE]  # no temporary file left
+
+
 def test_two_shards_then_collect_render_what_one_machine_renders(tmp_path):
   # the workers first (their trials are different programs: each compiles its own),
   # then the unsharded run, beside the collects, from the compilation cache they filled
