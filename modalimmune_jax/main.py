@@ -22,13 +22,20 @@ from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:variant]).",
-                                lock_config=True)
-flags.DEFINE_bool("fresh", False, "If --workdir holds a run of another config, move it "
-                  "aside (WORKDIR.old-TIME) and start again.")
-flags.DEFINE_bool("extend", False, "Train the run in --workdir on to a larger train.steps.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs (:func:`run`), not on import (as
+  ``compare`` and ``tune`` do: importing this module beside them defines nothing)."""
+  if "fresh" in FLAGS:  # defined already (run() called twice in one process)
+    return
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py file (path[:variant]).",
+                                  lock_config=True)
+  flags.DEFINE_bool("fresh", False, "If --workdir holds a run of another config, move it "
+                    "aside (WORKDIR.old-TIME) and start again.")
+  flags.DEFINE_bool("extend", False, "Train the run in --workdir on to a larger train.steps.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def initialize_distributed(config) -> None:
@@ -89,6 +96,7 @@ def main(argv) -> int:
 def run() -> None:
   """Console-script entry point (``modalimmune-train``)."""
   from modalimmune_jax import cli
+  define_flags()
   cli.run(main)
 
 
