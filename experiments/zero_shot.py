@@ -43,10 +43,10 @@ Writes ``zero_shot.{json,md}`` into ``--out``: one table per data set.
 
 Time on a 2-core CPU, every method and 5 seeds: ``synthetic`` (the default)
 about 11 minutes; ``mosi_shaped`` 38 minutes (4000-sample test split, 7
-conditions per seed); ``mfeat`` (3 pairs) about 40 minutes; the three at once
-about 90. Each data set is its own command within about 40 minutes; runs are
-kept in ``--workdir``, so a later call with several data sets reuses them and
-renders one file.
+conditions per seed); ``mfeat`` about 20 minutes a pair (``--mfeat_pairs 1``
+fits in 30 minutes; the default 3 pairs take about an hour). Runs are kept in
+``--workdir``, so a later call with several data sets reuses them and renders
+one file.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
   p = parser(__doc__.split("\n\n")[0], NAME)
   p.add_argument("--data", nargs="+", default=None, choices=list(DATA),
                  help="data sets (default: synthetic, about 11 minutes on 2 cores; "
-                 "mosi_shaped and mfeat about 40 each)")
+                 "mosi_shaped 38; mfeat about 20 a pair)")
   p.add_argument("--methods", default=None,
                  help="comma-separated (default: every built-in method; --quick: plain,dropout)")
   p.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2,3,4; --quick: 0)")
