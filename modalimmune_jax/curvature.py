@@ -81,11 +81,18 @@ def hvp_operator(fn: Callable[..., jax.Array], params: PyTree,
 
 
 def rademacher_like(key: jax.Array, tree: PyTree) -> PyTree:
-  """A pytree like ``tree`` of independent +-1 entries in each leaf's dtype."""
+  """A pytree like ``tree`` of independent +-1 entries in each leaf's dtype.
+
+  One draw for every leaf, cut into the leaves: a draw per leaf compiled one
+  random-bit generator per leaf (a model's 82 leaves took 8 of the 11 s that
+  XLA CPU spent compiling a Hutchinson estimate).
+  """
   leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, max(len(leaves), 1))
-  out = [jax.random.rademacher(k, jnp.shape(x), dtype=jnp.result_type(x))
-         for k, x in zip(keys, leaves)]
+  sizes = [int(np.prod(jnp.shape(x))) for x in leaves]
+  signs = jax.random.rademacher(key, (sum(sizes),), dtype=jnp.float32)
+  cuts = np.cumsum(sizes)[:-1]
+  out = [part.reshape(jnp.shape(x)).astype(jnp.result_type(x))
+         for part, x in zip(jnp.split(signs, cuts), leaves)]
   return jax.tree.unflatten(treedef, out)
 
 
