@@ -135,7 +135,6 @@ def _without_timing(table: dict) -> dict:
   return out
 
 
-@pytest.mark.slow
 def test_every_worker_must_deal_the_plan_the_first_one_wrote(tmp_path):
   """The first worker writes the plan; a worker (or --collect) with other seeds, rows,
   tuning or config keys is refused naming the difference; logging keys may differ."""
@@ -158,6 +157,7 @@ def test_every_worker_must_deal_the_plan_the_first_one_wrote(tmp_path):
   assert sorted(os.listdir(work)) == [compare.PLAN_FILE]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_two_shards_then_collect_render_what_one_machine_renders(tmp_path):
   # the workers first (their trials are different programs: each compiles its own),
   # then the unsharded run, beside the collects, from the compilation cache they filled
