@@ -25,8 +25,8 @@ fixed removals (``eval.removals = all``). Pairs (training subset -> test subset)
 Per (data set, pair, method), over ``--seeds`` (each in its own work directory
 ``WORKDIR/<data>/<train>__<test>/<method>/seed<k>``, resumed or skipped when
 done; the seeds of a method train as one vmapped program unless ``--separately``,
-``modalimmune_jax.train.seeds.train_seeds``): the headline metric (accuracy; ``Has0_acc_2`` for the regression data)
-on the test split under the test subset's condition, mean ± std over seeds, and
+``modalimmune_jax.train.seeds.train_seeds``): the headline metric (accuracy;
+``Has0_acc_2`` for the regression data) on the test split under the test subset's condition, mean ± std over seeds, and
 its paired differences to ``plain`` and ``dropout`` (those of them trained) with
 95 % t intervals over seeds (``compare.aggregate`` / ``compare.paired_differences``);
 beside it, for scale, the same metric under the training subset's own condition.
