@@ -474,7 +474,7 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
       # fusion (its token is the fill, and the generator's context leaves it
       # out), so removing it is switching its presence off after the encoders.
       # The hook repeats the embeddings once per row, with the row's presence;
-      # equal to removing each modality from the inputs (tests/test_methods.py).
+      # equal to removing each modality from the inputs (tests/test_modalimmune_train.py).
       def per_row(z, present):
         r = rows.shape[0]
         return (jnp.broadcast_to(z[None], (r, *z.shape)).reshape(-1, *z.shape[1:]),
