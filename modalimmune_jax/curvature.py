@@ -182,20 +182,44 @@ def _leaf_scale(h: jax.Array, mode: str, quantile: float,
   return (1.0 / (1.0 + beta * a)).astype(h.dtype)
 
 
+def _chosen(mask, params) -> list[bool]:
+  """Which of ``params``' leaves (flattened) ``mask`` picks: all with None,
+  else the Python bools of a tree like ``params`` (or of ``mask(params)``)."""
+  treedef = jax.tree.structure(params)
+  if mask is None:
+    return [True] * treedef.num_leaves
+  tree = mask(params) if callable(mask) else mask
+  return [bool(b) for b in treedef.flatten_up_to(tree)]
+
+
 def refresh_state(state: CurvatureMaskState, params, obj_fn: Callable, *, mode: str = "hard",
                   quantile: float = 0.9, beta: float = 1.0, num_samples: int = 1,
-                  ema_decay: float = 0.9) -> CurvatureMaskState:
+                  ema_decay: float = 0.9, mask=None) -> CurvatureMaskState:
   """One curvature refresh of a :func:`curvature_mask` state: a Hutchinson
   estimate of ``obj_fn``'s diagonal at ``params`` into the EMA, and the mask
-  recomputed from it (the settings are the transformation's)."""
+  recomputed from it (the settings are the transformation's). With ``mask``
+  only the chosen leaves are probed (the Hessian's diagonal block over them,
+  the others held fixed) and refreshed; the others keep their state."""
+  leaves, treedef = jax.tree.flatten(params)
+  chosen = _chosen(mask, params)
+  at = [i for i, c in enumerate(chosen) if c]
+
+  def sub_fn(sub):  # obj_fn of the chosen leaves, the others closed over
+    full = list(leaves)
+    for i, x in zip(at, sub):
+      full[i] = x
+    return obj_fn(jax.tree.unflatten(treedef, full))
+
   key, sub = jax.random.split(state.key)
-  h = hutchinson_diagonal(obj_fn, params, sub, num_samples)
+  h = hutchinson_diagonal(sub_fn, [leaves[i] for i in at], sub, num_samples)
   n = state.num_refreshes + 1
-  ema = jax.tree.map(lambda e, x: ema_decay * e + (1.0 - ema_decay) * x, state.diag_ema, h)
   debias = 1.0 - ema_decay ** n.astype(jnp.float32)
-  scale = jax.tree.map(lambda e: _leaf_scale(e / debias.astype(e.dtype), mode, quantile, beta),
-                       ema)
-  return state._replace(key=key, num_refreshes=n, diag_ema=ema, scale=scale)
+  ema, scale = treedef.flatten_up_to(state.diag_ema), treedef.flatten_up_to(state.scale)
+  for i, x in zip(at, h):
+    ema[i] = ema_decay * ema[i] + (1.0 - ema_decay) * x
+    scale[i] = _leaf_scale(ema[i] / debias.astype(ema[i].dtype), mode, quantile, beta)
+  return state._replace(key=key, num_refreshes=n, diag_ema=jax.tree.unflatten(treedef, ema),
+                        scale=jax.tree.unflatten(treedef, scale))
 
 
 def refresh_masks(opt_state, params, obj_fn: Callable, **settings):
@@ -217,7 +241,7 @@ def refresh_masks(opt_state, params, obj_fn: Callable, **settings):
 def curvature_mask(mode: str = "hard", quantile: float = 0.9,
                    beta: float = 1.0, refresh_every: int = 10,
                    num_samples: int = 1, ema_decay: float = 0.9,
-                   seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                   seed: int = 0, mask=None) -> optax.GradientTransformationExtraArgs:
   """Curvature-aware gradient masking (ModalImmune, part 4).
 
   Keeps an EMA of the Hutchinson diagonal ``h`` of the objective, refreshed
@@ -242,6 +266,13 @@ def curvature_mask(mode: str = "hard", quantile: float = 0.9,
     num_samples: Rademacher probes per estimate.
     ema_decay: decay of the EMA of the diagonal.
     seed: seed of the probe PRNG key kept in the state.
+    mask: which leaves are masked, as in ``optax.masked``: a tree like the
+      params of bools, or a function of the params returning one; None: all.
+      The others pass unchanged (their scale stays 1) and their curvature is
+      never estimated, so a refresh costs a product over the chosen leaves
+      only (the Hessian's diagonal block over them, which is what their mask
+      reads). ModalImmune passes its encoders: the only leaves its
+      destructive gradient reaches.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -273,7 +304,7 @@ def curvature_mask(mode: str = "hard", quantile: float = 0.9,
         scale=jax.tree.map(jnp.ones_like, params))
 
   settings = dict(mode=mode, quantile=quantile, beta=beta, num_samples=num_samples,
-                  ema_decay=ema_decay)
+                  ema_decay=ema_decay, mask=mask)
 
   def update_fn(updates, state, params=None, *, obj_fn=None, destructive=None,
                 **extra_args):

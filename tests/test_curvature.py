@@ -53,6 +53,33 @@ def test_hutchinson_converges_to_diagonal():
       curvature.hutchinson_diagonal(g, jnp.zeros(3), jax.random.key(0), 1), [1, 2, 3])
 
 
+def test_a_masked_refresh_probes_only_the_chosen_leaves():
+  """With ``mask`` the probe is over the chosen leaves alone: the diagonal of
+  their Hessian block, exact from one probe when that block is diagonal even
+  though the cross block is not (a probe over every leaf would carry the cross
+  terms); the other leaves keep their state and pass unchanged."""
+  da, db = jnp.array([1.0, 2.0, 3.0]), jnp.array([4.0, 5.0])
+  cross = jnp.arange(1.0, 7.0).reshape(3, 2)
+  f = lambda p: (0.5 * jnp.sum(da * p["a"] ** 2) + p["a"] @ cross @ p["b"]
+                 + 0.5 * jnp.sum(db * p["b"] ** 2))
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  hess, *_ = _flat_hessian(lambda p, _: f(p), params, None)
+  tx = curvature.curvature_mask("soft", beta=1.0, refresh_every=1, ema_decay=0.0,
+                                mask={"a": True, "b": False})
+  state = tx.init(params)
+  g = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  upd, state = tx.update(g, state, params, obj_fn=f)
+  mask_state = state
+  np.testing.assert_allclose(mask_state.diag_ema["a"], jnp.diag(hess)[:3], rtol=1e-6)
+  np.testing.assert_array_equal(mask_state.diag_ema["b"], 0.0)
+  np.testing.assert_allclose(upd["a"], 1.0 / (1.0 + da), rtol=1e-6)
+  np.testing.assert_array_equal(upd["b"], g["b"])
+  # without the mask one probe is off by the cross terms
+  full = curvature.curvature_mask("soft", refresh_every=1, ema_decay=0.0)
+  _, st = full.update(g, full.init(params), params, obj_fn=f)
+  assert np.abs(np.asarray(st.diag_ema["a"]) - np.asarray(da)).max() > 0.5
+
+
 def _quadratic(diag):
   return lambda p: 0.5 * jnp.sum(diag * p ** 2)
 

@@ -117,6 +117,13 @@ def test_destructive_gradient_through_the_encoders_equals_the_full_backward():
   full, direct = both(state.params)
   np.testing.assert_allclose(flat(direct), flat(full), rtol=1e-5, atol=1e-8)
   assert np.abs(flat(direct)).max() > 0
+  # it reaches the encoders alone, so the curvature mask probes only them
+  # (ModelFns.encoder_leaves): nothing is lost on the other leaves
+  on = jax.tree.leaves(run.model.encoder_leaves(state.params))
+  grads = [np.asarray(g) for g in jax.tree.leaves(full)]
+  assert any(on) and not all(on)
+  assert all(np.abs(g).max() > 0 for g, e in zip(grads, on) if e and g.size > 1)
+  assert all(not g.any() for g, e in zip(grads, on) if not e)
 
 
 def test_bfloat16_compute_keeps_float32_state_and_certificates(trained):

@@ -320,5 +320,11 @@ class ModelFns(NamedTuple):
     must stay exact (BHGD's solves and certificates)."""
     return self._replace(compute_dtype=None)
 
+  @staticmethod
+  def encoder_leaves(params):
+    """A tree like ``params``, True on the encoders' leaves: the only ones
+    the embeddings (``apply(...)["embeddings"]``) depend on."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key == "encoders", params)
+
   def task_loss(self, outputs: jax.Array, labels: jax.Array) -> jax.Array:
     return task_loss(self.task, outputs, labels, self.regression_loss)

@@ -518,8 +518,11 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
             "meta-parameters": ~all_finite((new.phi, new.hyper_opt_state))}
 
   transforms, periodic = (), []
+  # only the destructive part is masked, and it reaches the encoders alone: the
+  # curvature of the other leaves would be estimated and never read
   mask_settings = dict(mode=s.mask_mode, quantile=s.mask_quantile, beta=s.mask_beta,
-                       num_samples=s.mask_samples)
+                       num_samples=s.mask_samples,
+                       mask=model.encoder_leaves if s.collapse else None)
   if s.curvature_mask:  # refreshed by its own program (refresh_every=0)
     transforms = (curvature_mask(refresh_every=0, seed=seed, **mask_settings),)
     periodic.append(Periodic(s.mask_every, refresh, before=True))
