@@ -164,6 +164,29 @@ def program_job(fn, state, batch, key, calls):
   return job
 
 
+def gflops(fn, *args) -> float:
+  """XLA's count of the floating-point operations of ``fn``'s program compiled
+  for ``args`` (``cost_analysis``), in GFLOP. A while loop's body is counted
+  once (the hyper-step's CG solve runs it up to its cap)."""
+  cost = fn.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost["flops"] / 1e9
+
+
+def arithmetic(runs, last, programs, batch, key):
+  """The parts in FLOPs: plain's and ModalImmune's train steps (with and
+  without the destructive split, which the curvature mask brings), each
+  periodic program per call, and the amortised all-on step against plain's."""
+  step = {label: gflops(runs[label][1].step_fn.train_step, last[label].state, batch, key)
+          for label in ("plain", ALL_ON, "without curvature mask")}
+  per_call = {name: gflops(fn, last[ALL_ON].state, batch, key)
+              for name, (_, fn) in programs.items()}
+  amortised = step[ALL_ON] + sum(per_call[n] / p.every for n, (p, _) in programs.items())
+  return {"train_step_gflop": step, "program_gflop": per_call,
+          "program_every": {n: p.every for n, (p, _) in programs.items()},
+          "amortised_gflop": amortised, "ratio_to_plain": amortised / step["plain"]}
+
+
 def bench_steps(args, workload, dataset):
   window = args.steps or amortising_window(workload.config, 4 if args.quick else 100)
   rng = jax.random.key(0)
@@ -220,6 +243,8 @@ def bench_steps(args, workload, dataset):
         "ms_per_round": ms, "amortised_ms": statistics.median(ms) / p.every,
         "ablation": ablation, "ablation_ms": by[ALL_ON] - by[ablation],
         "last_metrics": floats(measured[name][-1][1])}
+  log(f"[{workload.name}] FLOPs of each program (XLA cost analysis; compiles again)")
+  flops = arithmetic(runs, last, programs, batch, key)
   train_ms = bare["train step alone, all on"]
   amortised = train_ms + sum(r["amortised_ms"] for r in program_rows.values())
   events = {name: window // p.every for name, (p, _) in programs.items()}
@@ -241,6 +266,7 @@ def bench_steps(args, workload, dataset):
           "total_ms": amortised, "ratio_to_plain": amortised / plain_ms,
           "window_ms": by[ALL_ON], "interventions_collapse_ablation_ms":
               by[ALL_ON] - by["without interventions & collapse"]},
+      "flops": flops,
       "all_on_ratio": by[ALL_ON] / plain_ms,
       "target_ratio": TARGET.get(workload.name),
       "idle_bhgd": {"window_fraction": (by[IDLE] - by[NO_BHGD]) / by[NO_BHGD],
@@ -428,16 +454,17 @@ def met(ok):
 def render_summary(record):
   out = ["## Summary", "",
          "| workload | ModalImmune all on / plain | target | amortised parts / plain "
+         "| FLOPs / plain (amortised) "
          "| BHGD that never fires (window, % of a step) | (train step alone) "
          "| first step / plain, cold | warm | all programs' compile / plain, cold | warm |",
-         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for w in record["workloads"]:
     target = w["target_ratio"]
     idle = w["idle_bhgd"]
     first = w["first_step"]["ratios"]
     out.append(
         f"| {w['workload']} | {w['all_on_ratio']:.2f} | <= {target} ({met(w['all_on_ratio'] <= target)}) "
-        f"| {w['amortised']['ratio_to_plain']:.2f} "
+        f"| {w['amortised']['ratio_to_plain']:.2f} | {flop_ratio(w)} "
         f"| {100 * idle['window_fraction']:+.1f} ({met(idle['window_fraction'] < IDLE_TARGET)}) "
         f"| {100 * idle['train_step_fraction']:+.1f} "
         f"| {first['cold']['first_step']:.2f} | {first['warm']['first_step']:.2f} "
@@ -447,7 +474,37 @@ def render_summary(record):
           f"the first step within {FIRST_STEP_TARGET:g}x plain's, cold and warm. A first "
           "step's ratio counts the train step and the programs that fire at step 0; the "
           "compile ratio counts every program, the hyper-step's too (it compiles when it first "
-          "fires).", ""]
+          "fires). FLOPs / plain: the amortised all-on step's arithmetic against plain's step "
+          "(XLA's cost analysis, below): the ratio a step at plain's arithmetic speed would "
+          "show.", ""]
+  return out
+
+
+def flop_ratio(w):
+  return f"{w['flops']['ratio_to_plain']:.2f}" if "flops" in w else "-"
+
+
+def render_flops(w):
+  """The parts in FLOPs (``arithmetic``)."""
+  f = w["flops"]
+  step, calls, every = f["train_step_gflop"], f["program_gflop"], f["program_every"]
+  plain = step["plain"]
+  row = lambda part, gf, n: (f"| {part} | {gf:.3f} | {n} | {gf / n:.4f} | "
+                             f"{gf / n / plain:.3f} |")
+  out = ["### The parts in FLOPs", "",
+         "XLA's cost analysis of each compiled program (`bench_methods.gflops`; a while "
+         "loop's body is counted once, so the hyper-step's CG solve is undercounted). What "
+         "the arithmetic alone makes the step cost, before any time is measured.", "",
+         "| part | GFLOP per call | every | amortised GFLOP/step | x plain's step |",
+         "|---|---:|---:|---:|---:|",
+         row("train step: plain's", plain, 1),
+         row("train step: ModalImmune all on", step[ALL_ON], 1),
+         row("- of which the destructive split (all on - without curvature mask)",
+             step[ALL_ON] - step["without curvature mask"], 1)]
+  for name, gf in calls.items():
+    out.append(row(f"{PROGRAMS[name][1]} (`{name}`)", gf, every[name]))
+  out += [f"| **amortised all-on step** | | | **{f['amortised_gflop']:.4f}** | "
+          f"**{f['ratio_to_plain']:.2f}** |", ""]
   return out
 
 
@@ -522,6 +579,8 @@ def render_workload(w, info):
             f"{info['hyper_terms'][w['workload']]}), error bound {m['hyper/error_bound']:.3g} "
             f"for |g| {m['hyper/grad_norm']:.3g}.", ""]
 
+  if "flops" in w:
+    out += render_flops(w)
   f = w["first_step"]
   out += ["### First step, cold and warm", "",
           "A fresh process each (`--first-step`): cold with an empty persistent compilation "
