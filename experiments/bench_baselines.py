@@ -24,7 +24,10 @@ MOSI's periods 250), so ModalImmune's windows hold each periodic part as often
 as training does. ``R`` (``--repeats``) rounds, the methods alternated (the
 order rotated each round); per window the median over rounds, and the run's
 cost per step is the mean of the two windows. Ratios to plain are the figures
-to compare across machines.
+to compare across machines. Beside them each method's arithmetic: XLA's cost
+analysis of its compiled train step plus each periodic program over its period
+(``harness.step_gflops``), against plain's: what the method's definition
+costs before any time is measured.
 
 Writes ``OUT/bench_baselines.{json,md}`` with provenance (``--out``, default
 ``experiments/results/bench_baselines``).
@@ -38,7 +41,7 @@ import statistics
 import jax
 
 from harness import (alternate, amortising_window, bench_workloads, compile_periodic,
-                     copy_tree, host_steps, log, parser, timed_steps, window_inputs,
+                     copy_tree, host_steps, log, parser, step_gflops, timed_steps, window_inputs,
                      workload_flags, write_results)
 from modalimmune_jax import methods, train
 from modalimmune_jax.config import with_overrides
@@ -87,9 +90,15 @@ def bench(args, workload):
     rows.append({"method": method, "first_step_s": first[method][0],
                  "ms_per_step_halves": halves, "ms_per_step": sum(halves) / 2,
                  "ms_per_round": {str(w): times[method, w] for w in starts}})
-  plain_ms = rows[0]["ms_per_step"]
+  log(f"[{workload.name}] FLOPs of each method's programs (XLA cost analysis; compiles again)")
+  batch, key, _ = inputs[0]
+  for row in rows:
+    row["gflops"] = step_gflops(runs[row["method"]], states[row["method"]][starts[0]], batch,
+                                key)
+  plain_ms, plain_gf = rows[0]["ms_per_step"], rows[0]["gflops"]["amortised"]
   for row in rows:
     row["ratio_to_plain"] = row["ms_per_step"] / plain_ms
+    row["flop_ratio_to_plain"] = row["gflops"]["amortised"] / plain_gf
   return {"setup": {"workload": workload.name, "source": workload.source,
                     "overrides": workload.overrides, "data": dataset.name,
                     "platform": jax.devices()[0].platform,
@@ -108,12 +117,17 @@ def render_workload(record):
          f"{s['steps']} warm steps from step {a} and from step {b}, median over "
          f"{s['repeats']} round-robin rounds each; per step: the mean of the two.", "",
          f"| method | first step (s) | ms/step from {a} | ms/step from {b} | ms/step "
-         "| x plain |", "|---|---:|---:|---:|---:|---:|"]
+         "| x plain | GFLOP/step | FLOPs x plain |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for r in record["rows"]:
     h = r["ms_per_step_halves"]
+    gf = (f"{r['gflops']['amortised']:.4f} | {r['flop_ratio_to_plain']:.2f}" if "gflops" in r
+          else "- | -")
     out.append(f"| {r['method']} | {r['first_step_s']:.1f} | {h[0]:.2f} | {h[1]:.2f} | "
-               f"{r['ms_per_step']:.2f} | {r['ratio_to_plain']:.2f} |")
-  return out + [""]
+               f"{r['ms_per_step']:.2f} | {r['ratio_to_plain']:.2f} | {gf} |")
+  return out + ["", "GFLOP/step: XLA's cost analysis of the method's compiled train step "
+                "(lax.cond branches as XLA counts them) plus each periodic program's per call "
+                "over its period (`harness.step_gflops`); FLOPs x plain: what the arithmetic "
+                "alone makes the step cost.", ""]
 
 
 def render(records):

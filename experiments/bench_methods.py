@@ -38,6 +38,11 @@ optimiser. Per workload:
     all-on window beside it is the check. A BHGD that never fires: the bare
     train step with BHGD (its fixed batches carried) against without, and the
     windows of the two configs.
+    The same parts in FLOPs: XLA's cost analysis of each compiled program
+    (``harness.gflops``; plain's step, the all-on train step and the one
+    without the curvature mask, i.e. without the destructive split it brings,
+    and each periodic program per call), amortised as above: the ratio to
+    plain that the arithmetic alone sets, against which the timed ratio reads.
 1c. First step, cold and warm, of plain and ModalImmune all on: a fresh
     process per measurement (``--first-step WORKLOAD:METHOD``, this script)
     with ``JAX_COMPILATION_CACHE_DIR`` a new empty directory (cold), then a
@@ -95,8 +100,8 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from harness import (alternate, amortising_window, bench_workloads, compile_periodic,
-                     copy_tree, device_inputs, host_steps, log, parser, time_windows,
-                     window_inputs, workload_flags, write_results)
+                     copy_tree, device_inputs, gflops, host_steps, log, parser, step_gflops,
+                     time_windows, window_inputs, workload_flags, write_results)
 from modalimmune_jax import methods, train
 from modalimmune_jax.config import with_overrides
 from modalimmune_jax.hypergrad import POWER_ITERATIONS, neumann_hypergrad
@@ -164,27 +169,20 @@ def program_job(fn, state, batch, key, calls):
   return job
 
 
-def gflops(fn, *args) -> float:
-  """XLA's count of the floating-point operations of ``fn``'s program compiled
-  for ``args`` (``cost_analysis``), in GFLOP. A while loop's body is counted
-  once (the hyper-step's CG solve runs it up to its cap)."""
-  cost = fn.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return cost["flops"] / 1e9
-
-
-def arithmetic(runs, last, programs, batch, key):
-  """The parts in FLOPs: plain's and ModalImmune's train steps (with and
-  without the destructive split, which the curvature mask brings), each
-  periodic program per call, and the amortised all-on step against plain's."""
-  step = {label: gflops(runs[label][1].step_fn.train_step, last[label].state, batch, key)
-          for label in ("plain", ALL_ON, "without curvature mask")}
-  per_call = {name: gflops(fn, last[ALL_ON].state, batch, key)
-              for name, (_, fn) in programs.items()}
-  amortised = step[ALL_ON] + sum(per_call[n] / p.every for n, (p, _) in programs.items())
-  return {"train_step_gflop": step, "program_gflop": per_call,
-          "program_every": {n: p.every for n, (p, _) in programs.items()},
-          "amortised_gflop": amortised, "ratio_to_plain": amortised / step["plain"]}
+def arithmetic(runs, last, batch, key):
+  """The parts in FLOPs (``harness.step_gflops``): plain's step, the all-on
+  step and its programs, and the train step without the curvature mask (so
+  without the destructive split it brings)."""
+  f = {label: step_gflops(runs[label][1], last[label].state, batch, key)
+       for label in ("plain", ALL_ON)}
+  without = gflops(runs["without curvature mask"][1].step_fn.train_step,
+                   last["without curvature mask"].state, batch, key)
+  plain, mi = f["plain"]["amortised"], f[ALL_ON]
+  return {"train_step_gflop": {"plain": plain, ALL_ON: mi["train_step"],
+                               "without curvature mask": without},
+          "program_gflop": {n: r["gflop_per_call"] for n, r in mi["programs"].items()},
+          "program_every": {n: r["every"] for n, r in mi["programs"].items()},
+          "amortised_gflop": mi["amortised"], "ratio_to_plain": mi["amortised"] / plain}
 
 
 def bench_steps(args, workload, dataset):
@@ -244,7 +242,7 @@ def bench_steps(args, workload, dataset):
         "ablation": ablation, "ablation_ms": by[ALL_ON] - by[ablation],
         "last_metrics": floats(measured[name][-1][1])}
   log(f"[{workload.name}] FLOPs of each program (XLA cost analysis; compiles again)")
-  flops = arithmetic(runs, last, programs, batch, key)
+  flops = arithmetic(runs, last, batch, key)
   train_ms = bare["train step alone, all on"]
   amortised = train_ms + sum(r["amortised_ms"] for r in program_rows.values())
   events = {name: window // p.every for name, (p, _) in programs.items()}
@@ -492,7 +490,7 @@ def render_flops(w):
   row = lambda part, gf, n: (f"| {part} | {gf:.3f} | {n} | {gf / n:.4f} | "
                              f"{gf / n / plain:.3f} |")
   out = ["### The parts in FLOPs", "",
-         "XLA's cost analysis of each compiled program (`bench_methods.gflops`; a while "
+         "XLA's cost analysis of each compiled program (`harness.gflops`; a while "
          "loop's body is counted once, so the hyper-step's CG solve is undercounted). What "
          "the arithmetic alone makes the step cost, before any time is measured.", "",
          "| part | GFLOP per call | every | amortised GFLOP/step | x plain's step |",

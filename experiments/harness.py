@@ -418,6 +418,27 @@ def compile_periodic(run, state, batch, key, steps: Iterable[int] | None = None
   return seconds
 
 
+def gflops(fn, *args) -> float:
+  """XLA's count of the floating-point operations of the jitted ``fn``'s
+  program compiled for ``args`` (``cost_analysis``; it compiles again), in
+  GFLOP. A while loop's body is counted once (a solve runs it up to its cap)."""
+  cost = fn.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost["flops"] / 1e9
+
+
+def step_gflops(run, state, batch, key) -> dict:
+  """A run's arithmetic per step: its train step's GFLOP, each periodic
+  program's per call and its period, and the amortised step (train step + each
+  program / its period)."""
+  train_step = gflops(run.step_fn.train_step, state, batch, key)
+  programs = {p.fn.__name__: (p.every, gflops(fn, state, batch, key))
+              for p, fn in run.step_fn.periodic}
+  return {"train_step": train_step,
+          "programs": {n: {"every": e, "gflop_per_call": g} for n, (e, g) in programs.items()},
+          "amortised": train_step + sum(g / e for e, g in programs.values())}
+
+
 def time_windows(jobs: dict[str, tuple[Callable, Any]], inputs: Sequence[tuple], rounds: int
                  ) -> tuple[dict[str, list[float]], dict[str, Timed]]:
   """Warm windows: ``jobs[name] = (step_fn, state)`` steps over all of
