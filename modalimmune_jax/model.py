@@ -227,6 +227,19 @@ class MultimodalModel(nnx.Module):
     if gated_fusion:
       self.gate = GatedFusion(num, hidden, rngs=rngs)
 
+  def encode(self, inputs: Mapping[str, jax.Array], masks: Mapping[str, jax.Array], *,
+             train: bool = False, rngs: Any = None) -> tuple[dict, jax.Array]:
+    """The encoders alone: each modality's frame states and the embeddings
+    ``(B, M, k)`` (what ``__call__`` returns as ``embeddings``, drawing the
+    same dropout)."""
+    missing = [m for m in self.names if m not in inputs]
+    if missing:
+      raise KeyError(f"batch lacks modalities {missing}; model has {self.names}")
+    states = {m: self.encoders[m].states(inputs[m], masks[m], train=train, rngs=rngs)
+              for m in self.names}
+    z = jnp.stack([self.encoders[m].pool(states[m], masks[m]) for m in self.names], axis=1)
+    return states, z
+
   def __call__(self, inputs: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
                presence: jax.Array, *, train: bool = False, rngs: Any = None,
                embedding_hook: Callable | None = None) -> dict[str, jax.Array]:
@@ -235,12 +248,7 @@ class MultimodalModel(nnx.Module):
     with the generator, ``reconstructions`` (from the hooked embeddings); with
     proxy tokens, ``proxy_pairs``, ``proxies`` and ``proxy_filled``
     (:meth:`ProxyTokens.substitute`)."""
-    missing = [m for m in self.names if m not in inputs]
-    if missing:
-      raise KeyError(f"batch lacks modalities {missing}; model has {self.names}")
-    states = {m: self.encoders[m].states(inputs[m], masks[m], train=train, rngs=rngs)
-              for m in self.names}
-    z = jnp.stack([self.encoders[m].pool(states[m], masks[m]) for m in self.names], axis=1)
+    states, z = self.encode(inputs, masks, train=train, rngs=rngs)
     present = presence.astype(bool)
     result = {"embeddings": z}  # what the encoders produced, before any intervention
     if embedding_hook is not None:

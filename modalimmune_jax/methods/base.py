@@ -263,12 +263,14 @@ def _cast_floats(tree, dtype):
                                                                    jnp.floating) else x, tree)
 
 
-def compute_in(dtype, graphdef: nnx.GraphDef, params, batch: dict, **call) -> dict:
+def compute_in(dtype, graphdef: nnx.GraphDef, params, batch: dict, embed_only: bool = False,
+               **call) -> dict:
   """``MultimodalModel.__call__`` of ``(graphdef, params)`` on ``batch``, computed
   in ``dtype`` (None: as the parameters are): the floating parameters and
   inputs are cast to it, and the floating outputs back to float32, so losses,
   spectra and metrics stay in float32 and the gradients reach the float32
-  parameters through the casts (mixed precision).
+  parameters through the casts (mixed precision). ``embed_only``: the
+  encoders alone (``MultimodalModel.encode``), their embeddings returned.
 
   Example:
     >>> out = compute_in(jnp.bfloat16, graphdef, params, batch, train=False)
@@ -277,8 +279,21 @@ def compute_in(dtype, graphdef: nnx.GraphDef, params, batch: dict, **call) -> di
     params, batch = _cast_floats(params, dtype), dict(batch, inputs=_cast_floats(
         batch["inputs"], dtype))
   model = nnx.merge(graphdef, params)
-  out = model(batch["inputs"], batch["masks"], batch["presence"], **call)
+  if embed_only:
+    out = model.encode(batch["inputs"], batch["masks"], **call)[1]
+  else:
+    out = model(batch["inputs"], batch["masks"], batch["presence"], **call)
   return out if dtype is None else _cast_floats(out, jnp.float32)
+
+
+def _dropout_rngs(rng: jax.Array | None, axis_name: str | None):
+  """The model's dropout stream from ``rng`` (None: no dropout); inside
+  ``shard_map`` folded with the device index, so devices draw different masks."""
+  if rng is None:
+    return None
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  return nnx.Rngs(dropout=rng)
 
 
 class ModelFns(NamedTuple):
@@ -307,13 +322,15 @@ class ModelFns(NamedTuple):
     the device index so devices draw different dropout masks. With a
     ``compute_dtype`` the model runs in it and its outputs come back in float32.
     """
-    rngs = None
-    if rng is not None:
-      if axis_name is not None:
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-      rngs = nnx.Rngs(dropout=rng)
     return compute_in(self.compute_dtype, self.graphdef, params, batch, train=train,
-                      rngs=rngs, embedding_hook=hook)
+                      rngs=_dropout_rngs(rng, axis_name), embedding_hook=hook)
+
+  def embed(self, params, batch: dict, rng: jax.Array | None = None, *, train: bool = True,
+            axis_name: str | None = None) -> jax.Array:
+    """The embeddings ``(B, M, k)`` alone: ``apply(...)["embeddings"]`` (the same
+    dropout) without tracing the fusion, generator and head."""
+    return compute_in(self.compute_dtype, self.graphdef, params, batch, embed_only=True,
+                      train=train, rngs=_dropout_rngs(rng, axis_name))
 
   def in_float32(self) -> "ModelFns":
     """The same model computing in its parameters' dtype (float32): for what

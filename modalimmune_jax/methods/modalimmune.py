@@ -400,10 +400,10 @@ def modalimmune(model: ModelFns, settings: Settings = Settings(),
   def destructive(params, state, batch, rng, axis_name=None):
     """The collapse term alone: it reads the encoders' outputs (before any
     intervention, with the loss's dropout key), so its gradient needs only
-    their backward pass (the fusion and head are dead code here)."""
+    their backward pass (``model.embed``: the fusion and head are not traced)."""
     meta = constrain(state.phi)
     k_model = jax.random.split(rng, 3)[2]
-    z = model.apply(params, batch, k_model, axis_name=axis_name)["embeddings"]
+    z = model.embed(params, batch, k_model, axis_name=axis_name)
     return meta["lambda"] * jnp.sum(alpha_of(state) * penalties(z, meta["kappa"], meta["eta"],
                                                                 axis_name))
 
