@@ -670,11 +670,12 @@ def main(argv) -> int:
     config_json = json.loads(base.to_json_best_effort())
     old = study.user_attrs.get("base_config")
     if old is None:
-      study.set_user_attr("base_config", config_json)
+      # base_config last: a worker that sees it sees the others (each is its own write)
       study.set_user_attr("base_flags", [shlex.quote(a) for a in sys.argv[1:]
                                          if a.startswith("--config.")])
       study.set_user_attr("space", FLAGS.space)
       study.set_user_attr("metric", metric)
+      study.set_user_attr("base_config", config_json)
     else:
       if study.user_attrs.get("space") != FLAGS.space:
         raise cli.FlagError(f"--study={study_name} searches --space="
