@@ -182,16 +182,6 @@ def _leaf_scale(h: jax.Array, mode: str, quantile: float,
   return (1.0 / (1.0 + beta * a)).astype(h.dtype)
 
 
-def _chosen(mask, params) -> list[bool]:
-  """Which of ``params``' leaves (flattened) ``mask`` picks: all with None,
-  else the Python bools of a tree like ``params`` (or of ``mask(params)``)."""
-  treedef = jax.tree.structure(params)
-  if mask is None:
-    return [True] * treedef.num_leaves
-  tree = mask(params) if callable(mask) else mask
-  return [bool(b) for b in treedef.flatten_up_to(tree)]
-
-
 def refresh_state(state: CurvatureMaskState, params, obj_fn: Callable, *, mode: str = "hard",
                   quantile: float = 0.9, beta: float = 1.0, num_samples: int = 1,
                   ema_decay: float = 0.9, mask=None) -> CurvatureMaskState:
@@ -201,8 +191,11 @@ def refresh_state(state: CurvatureMaskState, params, obj_fn: Callable, *, mode: 
   only the chosen leaves are probed (the Hessian's diagonal block over them,
   the others held fixed) and refreshed; the others keep their state."""
   leaves, treedef = jax.tree.flatten(params)
-  chosen = _chosen(mask, params)
-  at = [i for i, c in enumerate(chosen) if c]
+  if mask is None:
+    at = list(range(len(leaves)))
+  else:  # the leaves' Python bools, from a tree like params (or mask(params))
+    chosen = treedef.flatten_up_to(mask(params) if callable(mask) else mask)
+    at = [i for i, c in enumerate(chosen) if c]
 
   def sub_fn(sub):  # obj_fn of the chosen leaves, the others closed over
     full = list(leaves)
