@@ -90,7 +90,7 @@ def bench(args, workload):
     rows.append({"method": method, "first_step_s": first[method][0],
                  "ms_per_step_halves": halves, "ms_per_step": sum(halves) / 2,
                  "ms_per_round": {str(w): times[method, w] for w in starts}})
-  log(f"[{workload.name}] FLOPs of each method's programs (XLA cost analysis; compiles again)")
+  log(f"[{workload.name}] FLOPs of each method's programs (XLA cost analysis of the compiled programs)")
   batch, key, _ = inputs[0]
   for row in rows:
     row["gflops"] = step_gflops(runs[row["method"]], states[row["method"]][starts[0]], batch,

@@ -241,7 +241,7 @@ def bench_steps(args, workload, dataset):
         "ms_per_round": ms, "amortised_ms": statistics.median(ms) / p.every,
         "ablation": ablation, "ablation_ms": by[ALL_ON] - by[ablation],
         "last_metrics": floats(measured[name][-1][1])}
-  log(f"[{workload.name}] FLOPs of each program (XLA cost analysis; compiles again)")
+  log(f"[{workload.name}] FLOPs of each program (XLA cost analysis of the compiled programs)")
   flops = arithmetic(runs, last, batch, key)
   train_ms = bare["train step alone, all on"]
   amortised = train_ms + sum(r["amortised_ms"] for r in program_rows.values())

@@ -420,8 +420,9 @@ def compile_periodic(run, state, batch, key, steps: Iterable[int] | None = None
 
 def gflops(fn, *args) -> float:
   """XLA's count of the floating-point operations of the jitted ``fn``'s
-  program compiled for ``args`` (``cost_analysis``; it compiles again), in
-  GFLOP. A while loop's body is counted once (a solve runs it up to its cap)."""
+  program compiled for ``args`` (``cost_analysis``; JAX reuses the executable
+  of an earlier call with the same arguments, else it compiles), in GFLOP. A
+  while loop's body is counted once (a solve runs it up to its cap)."""
   cost = fn.lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return cost["flops"] / 1e9
