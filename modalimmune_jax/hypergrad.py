@@ -50,6 +50,7 @@ import optax.tree_utils as otu
 
 from modalimmune_jax import linalg
 from modalimmune_jax.curvature import hvp_operator
+from modalimmune_jax.finite import all_finite
 
 __all__ = [
     "NeumannInfo",
@@ -150,12 +151,6 @@ def _safe_div(num, den):
 def _terms_taken(num_iters, diverging):
   """Iterations less the last one when it was rejected as diverging."""
   return num_iters - (diverging & (num_iters > 0)).astype(num_iters.dtype)
-
-
-def _tree_all_finite(tree):
-  return jax.tree.reduce(lambda a, b: a & b,
-                         jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree),
-                         initializer=jnp.asarray(True))
 
 
 def _unit(v):
@@ -638,7 +633,7 @@ def _adjoint_solve(inner_loss, params, hparams, inner_args, g_theta, g_phi, *, s
   a_priori = jnp.where(r < 1, mixed_norm * info.alpha * r ** info.num_terms
                        / jnp.where(r < 1, 1.0 - r, 1.0) * b_norm, jnp.inf)
   certified = (rigorous & ~info.diverging & jnp.isfinite(error_bound)
-               & _tree_all_finite(hypergrad))
+               & all_finite(hypergrad))
   if tol is not None:
     certified = certified & (error_bound <= tol)
   if rel_tol is not None:

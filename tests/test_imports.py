@@ -12,8 +12,8 @@ PACKAGE = "modalimmune_jax"
 # Lowest first; a module may import its own layer and those below. "x.*" = x's submodules.
 LAYERS = (
     # pure math, configuration rules, bookkeeping
-    ("modalimmune_jax", "schema", "linalg", "spectral", "curvature", "hypergrad", "controller",
-     "masking", "metrics", "checkpoint", "provenance", "tensorboard"),
+    ("modalimmune_jax", "schema", "linalg", "finite", "spectral", "curvature", "hypergrad",
+     "controller", "masking", "metrics", "checkpoint", "provenance", "tensorboard"),
     ("data", "data.*", "protocol", "reference", "plots"),   # data, protocol, metrics
     ("model",),                                              # the NNX model
     ("build",),                                              # data set, model, optimiser

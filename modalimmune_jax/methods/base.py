@@ -77,6 +77,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from modalimmune_jax.finite import all_finite, has_floats
+
 __all__ = ["Method", "Periodic", "MethodSpec", "NoSettings", "ModelFns", "compute_in",
            "task_loss", "cell_mean",
            "reconstruction_loss", "global_batch_size", "has_floats", "all_finite",
@@ -177,18 +179,6 @@ class MethodSpec(NamedTuple):
   about: str = ""
   search_docs: dict = {}
   ablations: dict = {}
-
-
-def has_floats(tree) -> bool:
-  """Whether ``tree`` has a floating-point leaf."""
-  return any(jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(tree))
-
-
-def all_finite(tree) -> jax.Array:
-  """True when every floating-point leaf of ``tree`` is finite (integer leaves are)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def task_loss(task: str, outputs: jax.Array, labels: jax.Array,
