@@ -169,6 +169,18 @@ def test_hard_scale_equals_quantile_rule(q, n):
   rng = np.random.default_rng(n)
   h = rng.normal(size=n).astype(np.float32)
   h[: n // 3] = h[n // 3: 2 * (n // 3)]  # ties
-  got = curvature._leaf_scale(jnp.asarray(h), "hard", q, 1.0)
+  [got] = curvature._scales([jnp.asarray(h)], "hard", q, 1.0)
   want = (np.abs(h) <= np.quantile(np.abs(h), q)).astype(np.float32)
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.9, 1.0])
+def test_hard_scales_of_several_leaves_in_one_loop(q):
+  """One bisection for leaves of different sizes and scales gives each leaf's own rule."""
+  rng = np.random.default_rng(7)
+  hs = [rng.normal(size=n).astype(np.float32) * 10.0 ** e
+        for n, e in [(1, 0), (2, -3), (7, 2), (100, 0), (1001, -1), (64, 5)]]
+  hs[3][:30] = hs[3][30:60]  # ties
+  got = curvature._scales([jnp.asarray(h) for h in hs], "hard", q, 1.0)
+  for h, g in zip(hs, got):
+    np.testing.assert_array_equal(g, (np.abs(h) <= np.quantile(np.abs(h), q)).astype(np.float32))
