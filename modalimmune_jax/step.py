@@ -209,17 +209,20 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation,
       (total, destructive), _ = objective(p)
       return total - destructive
 
-    def apply(_):
-      updates, new_opt_state = optimizer.update(grads, state.opt_state, params,
-                                                obj_fn=constructive, **extra)
-      return optax.apply_updates(params, updates), new_opt_state
-
+    # The update is computed whatever the gradient; the guard below keeps the
+    # old state when anything is non-finite. Only the optimiser state that the
+    # update changes goes through the guard (a curvature mask's estimates,
+    # refreshed by a program of their own, pass through it untouched).
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, params,
+                                              obj_fn=constructive, **extra)
+    new_params = optax.apply_updates(params, updates)
     bad = [~jnp.all(jnp.isfinite(loss)), ~all_finite(grads), jnp.zeros([], bool)]
     finite = ~(bad[0] | bad[1])
-    new_params, new_opt_state = jax.lax.cond(finite, apply, lambda _: (params, state.opt_state),
-                                             None)
-    method_state, method_metrics = method.update(state.method_state, new_params, batch, rng,
-                                                 state.step, axis_name)
+    # the method's update reads the parameters this step leaves (the old ones
+    # after a non-finite gradient), so its own faults are its own
+    method_state, method_metrics = method.update(
+        state.method_state, _guard(finite, new_params, params), batch, rng, state.step,
+        axis_name)
     bad += list(_method_faults(method, state.method_state, method_state).values())
     bad = jnp.stack(bad)
     ok = ~jnp.any(bad) & (health.halted == 0)
@@ -278,7 +281,7 @@ def make_periodic_step(method: Method, periodic: Periodic, axis_name: str | None
                                                    state.method_state, batch, rng, step,
                                                    axis_name)
     bad = [jnp.zeros([], bool), jnp.zeros([], bool),
-           ~all_finite(opt_state) if opt_state is not state.opt_state else jnp.zeros([], bool),
+           ~all_finite(_computed(state.opt_state, opt_state)),
            *_method_faults(method, state.method_state, method_state).values()]
     bad = jnp.stack(bad)
     ok = ~jnp.any(bad) & (state.health.halted == 0)
@@ -288,6 +291,17 @@ def make_periodic_step(method: Method, periodic: Periodic, axis_name: str | None
     return state._replace(opt_state=opt_state, method_state=method_state, health=health), metrics
 
   return run
+
+
+def _computed(old, new) -> list:
+  """The leaves of ``new`` that a program computed: those that are not the very
+  leaves of ``old`` it was given (a refresh of one transformation's state
+  passes the rest of the optimiser state through). The others were checked
+  when they were computed, so checking them again finds nothing."""
+  leaves, treedef = jax.tree.flatten(new)
+  if jax.tree.structure(old) != treedef:
+    return leaves
+  return [x for x, y in zip(leaves, treedef.flatten_up_to(old)) if x is not y]
 
 
 def _step_of(state: TrainState):
