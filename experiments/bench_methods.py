@@ -1,7 +1,7 @@
 """What ModalImmune's parts cost in training, on mfeat and MOSI-shaped data, in one run.
 
     python experiments/bench_methods.py [--steps W] [--repeats 5] [--workloads mfeat MOSI-shaped]
-        [--solvers] [--threads 0] [--out DIR]
+        [--first-step-rounds 3] [--solvers] [--threads 0] [--out DIR]
     python experiments/bench_methods.py --quick      # smoke run: smoke configs, R=1
 
 Workloads (``harness.bench_workloads``): ``configs/mfeat.py`` (6 views, batch
@@ -53,7 +53,9 @@ optimiser. Per workload:
     controller; the programs are wrapped to wait for each one, which also
     times each call), then the first call of the programs that fire later (the
     hyper-step), and a second call of each: a program's compile time is its
-    first call minus its second. Ratios to plain.
+    first call minus its second. ``--first-step-rounds`` rounds (3), each with
+    a new cache; per method and cache the median process. Ratios to plain: of
+    the medians, and each round's own.
 2.  ``--solvers`` (off by default: it adds about 10 minutes per workload):
     hyper-gradient solves. The model after ``K`` (``--train-steps``) plain
     training steps, ModalImmune's own inner (damped Gauss-Newton) and outer
@@ -317,31 +319,50 @@ def probe_first_step(args) -> int:
 
 
 def first_steps(args, workload):
-  """Cold and warm first steps of plain and ModalImmune (a process each)."""
-  out = {}
-  for method in ("plain", "modalimmune"):
-    cache = tempfile.mkdtemp(prefix="bench-methods-xla-cache-")
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    command = [sys.executable, os.path.abspath(__file__), "--first-step",
-               f"{workload.name}:{method}"] + (["--quick"] if args.quick else [])
-    try:
-      for attempt in ("cold", "warm"):
-        log(f"[{workload.name}] first step, {method}, {attempt} cache (a new process)")
-        done = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
-        out.setdefault(method, {})[attempt] = r = json.loads(done.stdout.strip().splitlines()[-1])
-        log(f"  first step {r['first_step_s']:.2f} s, compile of all programs "
-            f"{r['compile_s']:.2f} s")
-      out[method]["cache_files"] = sum(len(f) for _, _, f in os.walk(cache))
-    finally:
-      shutil.rmtree(cache, ignore_errors=True)
-  ratios = {}
+  """Cold and warm first steps of plain and ModalImmune (a process each), in
+  ``args.first_step_rounds`` rounds (plain cold, plain warm, ModalImmune cold,
+  warm; a new cache each round). Per method and cache: the process whose first
+  step is the median over the rounds (so its programs' figures are one
+  process's); the ratios are of those medians, and each round's own ratios are
+  kept (``rounds``) to show the spread."""
+  runs = {"plain": {"cold": [], "warm": []}, "modalimmune": {"cold": [], "warm": []}}
+  for k in range(args.first_step_rounds):
+    for method in ("plain", "modalimmune"):
+      cache = tempfile.mkdtemp(prefix="bench-methods-xla-cache-")
+      env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+      command = [sys.executable, os.path.abspath(__file__), "--first-step",
+                 f"{workload.name}:{method}"] + (["--quick"] if args.quick else [])
+      try:
+        for attempt in ("cold", "warm"):
+          log(f"[{workload.name}] first step, {method}, {attempt} cache (a new process), "
+              f"round {k + 1}/{args.first_step_rounds}")
+          done = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
+          r = json.loads(done.stdout.strip().splitlines()[-1])
+          r["cache_files"] = sum(len(f) for _, _, f in os.walk(cache))
+          runs[method][attempt].append(r)
+          log(f"  first step {r['first_step_s']:.2f} s, compile of all programs "
+              f"{r['compile_s']:.2f} s")
+      finally:
+        shutil.rmtree(cache, ignore_errors=True)
+  out = {method: {attempt: median_record(rs) for attempt, rs in by.items()}
+         for method, by in runs.items()}
+  ratios, rounds = {}, []
   for attempt in ("cold", "warm"):
     plain, mi = out["plain"][attempt], out["modalimmune"][attempt]
     ratios[attempt] = {"first_step": mi["first_step_s"] / plain["first_step_s"],
                        "compile": mi["compile_s"] / plain["compile_s"]}
-  out["ratios"] = ratios
+  for k in range(args.first_step_rounds):
+    rounds.append({attempt: runs["modalimmune"][attempt][k]["first_step_s"]
+                   / runs["plain"][attempt][k]["first_step_s"] for attempt in ("cold", "warm")})
+  out.update(ratios=ratios, rounds=rounds, all_runs=runs)
   return out
+
+
+def median_record(records: list[dict]) -> dict:
+  """The record whose first step is the median (the lower middle one of an even count)."""
+  ranked = sorted(records, key=lambda r: r["first_step_s"])
+  return ranked[(len(ranked) - 1) // 2]
 
 
 # ------------------------------------------- 2: hyper-gradient solves (--solvers) ----
@@ -580,11 +601,16 @@ def render_workload(w, info):
   if "flops" in w:
     out += render_flops(w)
   f = w["first_step"]
+  rounds = f.get("rounds", [])
   out += ["### First step, cold and warm", "",
           "A fresh process each (`--first-step`): cold with an empty persistent compilation "
           "cache, warm with the cache the cold process filled. First step: the first "
           "`step_fn` call (train step + the programs that fire at step 0); compile: every "
-          "program's first call minus its second, the hyper-step's included.", "",
+          "program's first call minus its second, the hyper-step's included. "
+          f"{len(rounds)} round(s), each plain then ModalImmune; each row is the process "
+          "with the median first step, and its x plain the ratio of the medians. Each "
+          "round's own ratio, cold / warm: "
+          + ", ".join(f"{r['cold']:.2f} / {r['warm']:.2f}" for r in rounds) + ".", "",
           "| method | cache | setup s | first step s | x plain | compile, all programs s "
           "| x plain |", "|---|---|---:|---:|---:|---:|---:|"]
   for method in ("plain", "modalimmune"):
@@ -692,6 +718,8 @@ def parse_args(argv=None):
                  help="timed calls per solve, median (3; --quick 1)")
   p.add_argument("--threads", type=int, default=0,
                  help="pin the process to this many CPUs (0: leave as is)")
+  p.add_argument("--first-step-rounds", type=int, default=None,
+                 help="rounds of the first-step processes, median (3; --quick 1)")
   p.add_argument("--first-step", metavar="WORKLOAD:METHOD", default=None,
                  help="(internal) print one JSON line: the first step of METHOD on "
                  "WORKLOAD in this process (see 1c)")
@@ -699,6 +727,7 @@ def parse_args(argv=None):
   quick = args.quick
   pick = lambda value, full, small: value if value is not None else (small if quick else full)
   args.repeats = pick(args.repeats, 5, 1)
+  args.first_step_rounds = pick(args.first_step_rounds, 3, 1)
   args.train_steps = pick(args.train_steps, 200, 5)
   args.tols = pick(args.tols, [1e-2, 1e-3, 1e-4], [1e-2])
   args.dampings = pick(args.dampings, [0.1, 1.0], [0.1])
