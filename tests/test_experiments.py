@@ -38,8 +38,9 @@ EXPERIMENTS = os.path.join(ROOT, "experiments")
 SCRIPTS = ("behaviour_digest", "bench_baselines", "bench_core", "bench_implicit", "bench_methods",
            "bench_precision", "bench_train", "collapse_sweep", "collapse_vs_robustness",
            "ebr_variants", "ebr_widths", "ebr_without_fill", "fault_injection",
-           "hypergrad_accuracy", "loop_vs_step", "methods_table", "overhead", "profile_step",
-           "real_benchmark", "soak", "training_dynamics", "tuning_mfeat", "tuning_toy", "zero_shot")
+           "hypergrad_accuracy", "lean_settings", "loop_vs_step", "methods_table", "overhead",
+           "profile_step", "real_benchmark", "soak", "training_dynamics", "tuning_mfeat",
+           "tuning_toy", "zero_shot")
 
 
 def source(name: str) -> ast.Module:
