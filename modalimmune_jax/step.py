@@ -132,13 +132,23 @@ def fault_names(method: Method, method_state) -> list[str]:
   return ["loss", "gradient", "optimizer state", *faults]
 
 
+def _flat_pair(new, old):
+  """The leaves of ``new`` and of ``old`` (a tree of the same structure), and the treedef."""
+  new_leaves, treedef = jax.tree.flatten(new)
+  return new_leaves, treedef.flatten_up_to(old), treedef
+
+
+def _moved(new_leaves, old_leaves) -> list[int]:
+  """Where a program's output leaf is not the very leaf it was given: what it computed."""
+  return [i for i, (a, b) in enumerate(zip(new_leaves, old_leaves)) if a is not b]
+
+
 def _guard(ok, new, old):
   """``new`` if ``ok`` else ``old``, leaf by leaf; a leaf that ``new`` passed
   through unchanged (the same traced value) is neither selected nor copied
   (a method's constant data, say)."""
-  new_leaves, treedef = jax.tree.flatten(new)
-  old_leaves = treedef.flatten_up_to(old)
-  moved = [i for i, (a, b) in enumerate(zip(new_leaves, old_leaves)) if a is not b]
+  new_leaves, old_leaves, treedef = _flat_pair(new, old)
+  moved = _moved(new_leaves, old_leaves)
   if moved:
     # lax.cond rather than a per-leaf select: same result, half the XLA
     # compile time on CPU (one select kernel per leaf)
@@ -294,14 +304,11 @@ def make_periodic_step(method: Method, periodic: Periodic, axis_name: str | None
 
 
 def _computed(old, new) -> list:
-  """The leaves of ``new`` that a program computed: those that are not the very
-  leaves of ``old`` it was given (a refresh of one transformation's state
-  passes the rest of the optimiser state through). The others were checked
-  when they were computed, so checking them again finds nothing."""
-  leaves, treedef = jax.tree.flatten(new)
-  if jax.tree.structure(old) != treedef:
-    return leaves
-  return [x for x, y in zip(leaves, treedef.flatten_up_to(old)) if x is not y]
+  """The leaves of ``new`` that a program computed (:func:`_moved`): a refresh of
+  one transformation's state passes the rest of the optimiser state through,
+  and those leaves were checked when they were computed."""
+  new_leaves, old_leaves, _ = _flat_pair(new, old)
+  return [new_leaves[i] for i in _moved(new_leaves, old_leaves)]
 
 
 def _step_of(state: TrainState):
