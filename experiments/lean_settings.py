@@ -39,6 +39,7 @@ from harness import (bench_workloads, device_inputs, get_config, log, parser, st
                      write_results)
 from modalimmune_jax import compare, train
 from modalimmune_jax.config import with_overrides
+from modalimmune_jax.plots import percent_scale
 
 # label -> (method, overrides of method.modalimmune)
 VARIANTS = {
@@ -98,7 +99,7 @@ def render(record) -> list[str]:
   for label in VARIANTS:
     out.append(f"| {label} | " + " | ".join(f"{flops[n][label]:.2f}" for n in names) + " |")
   for name, acc in record["accuracy"].items():
-    scale = 100.0 if acc["metric"] in ("accuracy", "macro_f1", "acc2", "f1") else 1.0
+    scale = percent_scale(acc["metric"])
     out += ["", f"**{name}**, {acc['metric']} on the valid split, seeds {record['seeds']}: "
             "mean ± std; paired: the row minus the defaults on the same seed, mean and 95 % "
             "t interval over seeds (percentage points where the metric is a rate).", "",
