@@ -386,6 +386,15 @@ class ProxyTokens(nnx.Module):
     reads = []
     for a, m in enumerate(self.names):
       h = states[m]
+      if h.shape[1] == 1:
+        # one frame (a vector modality): every query's softmax over one key is
+        # exactly 1 (masked or not), so each pair reads the frame's value and
+        # the queries carry no gradient; the same numbers without the
+        # query-side projections of all M pairs
+        attn = self.attn[m]
+        read = attn.out(attn.value(h))
+        reads.append(jnp.broadcast_to(read, (h.shape[0], len(self.names), read.shape[-1])))
+        continue
       q = jnp.broadcast_to(self.queries[a][None], (h.shape[0],) + self.queries.shape[1:])
       reads.append(self.attn[m](q.astype(h.dtype), h, h, mask=masks[m][:, None, None, :],
                                 deterministic=True))

@@ -122,6 +122,38 @@ def test_attention_mask_hides_padded_frames():
   assert not np.allclose(run(real)[:, 0], base[:, 0], atol=1e-3)  # the real frames count
 
 
+def test_one_frame_source_reads_its_value_as_flax_attention_does():
+  """A vector source (one frame) skips the query side; the proxies and every
+  parameter's gradient equal flax's attention over that frame, masked or not."""
+  model, batch = _model_and_batch(proxy_tokens=True)
+  proxies = model.proxies
+  states, _ = model.encode(batch["inputs"], batch["masks"])
+  # the audio frame masked out for half the samples: a row without keys is uniform
+  masks = dict(batch["masks"], audio=batch["masks"]["audio"].at[::2].set(False))
+  graphdef, params = nnx.split(proxies)
+
+  def reference(params):  # flax's attention for every source (no shortcut)
+    p = nnx.merge(graphdef, params)
+    reads = []
+    for a, m in enumerate(p.names):
+      h = states[m]
+      q = jnp.broadcast_to(p.queries[a][None], (h.shape[0],) + p.queries.shape[1:])
+      reads.append(p.attn[m](q, h, h, mask=masks[m][:, None, None, :], deterministic=True))
+    pairs = jnp.stack(reads, axis=1)
+    return jnp.stack([p.norm[m](pairs[:, :, j]) for j, m in enumerate(p.names)], axis=2)
+
+  def ours(params):
+    return nnx.merge(graphdef, params)(states, masks)
+
+  np.testing.assert_array_equal(ours(params), reference(params))
+  weights = jax.random.normal(jax.random.key(1), ours(params).shape)
+  g_ours, g_ref = (jax.grad(lambda p, f=f: jnp.sum(weights * f(p)))(params)
+                   for f in (ours, reference))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               g_ours, g_ref)
+  assert np.all(np.asarray(g_ours["queries"][...])[1] == 0)  # audio's queries: no gradient
+
+
 # --------------------------------------------------------------------- LoRA ----
 
 @pytest.mark.parametrize("rank,targets", [(1, "linear"), (2, "linear"), (3, "attention")])
