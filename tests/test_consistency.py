@@ -159,6 +159,29 @@ def test_pgd_stays_within_eps_raises_the_loss_and_freezes_the_model():
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
 
+def test_attacking_the_clean_embeddings_equals_rerunning_the_encoders():
+  """Without dropout the encoders give every pass the same embeddings: PGD on the
+  clean pass's (the encoders run once) is the attack that reruns them."""
+  model, params, batch = _model_and_batch()
+  n = batch["presence"].shape[0]
+  target = jax.nn.one_hot(jnp.arange(n) % 3, 3, dtype=bool)
+  delta0 = jax.random.uniform(jax.random.key(2), (n, 3, 8), minval=-0.3, maxval=0.3)
+  z = model.apply(params, batch, jax.random.key(7))["embeddings"]
+
+  @jax.jit
+  def attack(p, embeddings):
+    # a small step and a wide box: the steps' gradients show, not only their signs
+    return co.pgd_delta(model, p, batch, target, delta0, jax.random.key(3), step_size=0.5,
+                        eps=10.0, steps=3, embeddings=embeddings)
+
+  ours, rerun = attack(params, z), attack(params, None)
+  assert float(jnp.max(jnp.abs(ours - delta0 * target[..., None]))) > 1e-3  # it moved
+  np.testing.assert_allclose(ours, rerun, rtol=1e-6, atol=1e-7)
+  # other embeddings are attacked as given (the argument is read)
+  other = jax.random.normal(jax.random.key(8), z.shape)
+  assert not np.allclose(attack(params, other), rerun, atol=1e-3)
+
+
 def test_without_copies_the_loss_is_plain_training():
   model, params, batch = _model_and_batch()
   off = co.consistency(model, co.Settings(heuristics=(), pgd_steps=0))

@@ -224,13 +224,18 @@ def heuristic_copy(batch: dict, target: jax.Array, key: jax.Array, names: tuple[
   return dict(batch, inputs=inputs, masks=masks, presence=presence)
 
 
-def _delta_hook(delta: jax.Array, target: jax.Array, detach: bool):
+def _delta_hook(delta: jax.Array, target: jax.Array, detach: bool,
+                embeddings: jax.Array | None = None):
   """``embedding_hook`` adding ``delta`` to the target modality's embedding
   (with ``detach``, every embedding under ``stop_gradient``, as the authors'
-  attacked copy is built on detached input embeddings)."""
+  attacked copy is built on detached input embeddings). With ``embeddings``
+  (detached only) the perturbed embeddings are those, not this pass's: the
+  pass's encoders are then unused, and XLA drops them."""
   mask = target[..., None].astype(delta.dtype)
 
   def hook(z, present):
+    if embeddings is not None:
+      z = embeddings
     base = jax.lax.stop_gradient(z) if detach else z
     return base + delta * mask, present
   return hook
@@ -238,12 +243,18 @@ def _delta_hook(delta: jax.Array, target: jax.Array, detach: bool):
 
 def pgd_delta(model: ModelFns, params, batch: dict, target: jax.Array, delta0: jax.Array,
               key: jax.Array, *, step_size: float, eps: float, steps: int,
-              loss_scale: float = 1.0, axis_name: str | None = None) -> jax.Array:
+              loss_scale: float = 1.0, axis_name: str | None = None,
+              embeddings: jax.Array | None = None) -> jax.Array:
   """PGD on the target modality's embedding: ``steps`` steps of
   ``delta <- clip(delta + step_size * grad, -eps, eps)`` (raw gradient of
   ``loss_scale`` times the task loss, ascent) from ``delta0``, the model frozen
   (``stop_gradient`` on ``params``). Returns ``delta * target`` (``(B, M, k)``,
   zero outside the target modality), under ``stop_gradient``.
+
+  ``embeddings`` (``(B, M, k)``, e.g. a clean pass's ``out["embeddings"]`` of
+  ``batch``): the embeddings to attack, so that no step runs the encoders
+  again (the same numbers when the encoders draw no dropout); None: each
+  step's own encoder pass.
 
   Example:
     >>> d0 = jax.random.uniform(key, (b, m, k), minval=-eps, maxval=eps)
@@ -254,7 +265,7 @@ def pgd_delta(model: ModelFns, params, batch: dict, target: jax.Array, delta0: j
   mask = target[..., None].astype(delta0.dtype)
 
   def attacked_loss(delta, k):
-    out = model.apply(params, batch, k, hook=_delta_hook(delta, target, True),
+    out = model.apply(params, batch, k, hook=_delta_hook(delta, target, True, embeddings),
                       axis_name=axis_name)
     return loss_scale * model.task_loss(out["outputs"], batch["labels"])
 
@@ -334,11 +345,14 @@ def consistency(model: ModelFns, settings: Settings = Settings(),
       delta0 = jnp.concatenate(parts).astype(clean["embeddings"].dtype)
       # the gradient of the global-batch mean, whatever the number of devices
       scale = 1.0 if axis_name is None else 1.0 / jax.lax.axis_size(axis_name)
+      # the attack perturbs the clean pass's embeddings of the rows (detached), as
+      # the authors' perturbs the input embeddings: the encoders run once
+      embeddings = jax.lax.stop_gradient(clean["embeddings"])
       delta = pgd_delta(model, params, rows, targets, delta0, k_attack,
                         step_size=s.pgd_step_size, eps=s.pgd_eps, steps=s.pgd_steps,
-                        loss_scale=scale, axis_name=axis_name)
-      attacked = model.apply(params, rows, k_pgd, hook=_delta_hook(delta, targets, s.pgd_detach),
-                             axis_name=axis_name)
+                        loss_scale=scale, axis_name=axis_name, embeddings=embeddings)
+      hook = _delta_hook(delta, targets, s.pgd_detach, embeddings if s.pgd_detach else None)
+      attacked = model.apply(params, rows, k_pgd, hook=hook, axis_name=axis_name)
       pgd_loss = model.task_loss(attacked["outputs"], rows["labels"])
       total = total + pgd_loss
       copies += [attacked["outputs"][:b]] + ([attacked["outputs"][b:]] if heuristics else [])
