@@ -102,7 +102,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from harness import (alternate, amortising_window, bench_workloads, compile_periodic,
-                     copy_tree, device_inputs, gflops, host_steps, log, parser, step_gflops,
+                     copy_tree, device_inputs, gflops, host_steps, log, no_gc, parser, step_gflops,
                      time_windows, window_inputs, workload_flags, write_results)
 from modalimmune_jax import methods, train
 from modalimmune_jax.config import with_overrides
@@ -164,10 +164,12 @@ def program_job(fn, state, batch, key, calls):
   ``(seconds per call, the last call's metrics)``."""
   def job():
     copies = jax.block_until_ready([copy_tree(state) for _ in range(calls)])
-    t0 = time.perf_counter()
-    outs = [fn(c, batch, key) for c in copies]
-    jax.block_until_ready(outs)
-    return (time.perf_counter() - t0) / calls, outs[-1][1]
+    with no_gc():
+      t0 = time.perf_counter()
+      outs = [fn(c, batch, key) for c in copies]
+      jax.block_until_ready(outs)
+      seconds = time.perf_counter() - t0
+    return seconds / calls, outs[-1][1]
   return job
 
 

@@ -25,6 +25,8 @@ Example (a script's skeleton)::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib.util
 import json
 import os
@@ -45,7 +47,7 @@ QUICK_RESULTS = os.path.join(ROOT, "runs", "quick")  # git-ignored
 __all__ = ["HERE", "ROOT", "CONFIGS", "RESULTS", "QUICK_RESULTS", "config_module",
            "get_config", "run_config", "bench_config", "log", "default_out", "parser",
            "find_runs", "write_results", "restore", "train_logs", "copy_tree", "host_steps",
-           "device_inputs", "Timed", "timed_steps", "step_rate", "time_calls",
+           "device_inputs", "Timed", "no_gc", "timed_steps", "step_rate", "time_calls",
            "loop_steps_per_s", "alternate", "Workload", "bench_workloads", "mosi_settings",
            "amortising_window", "workload_flags", "window_inputs", "compile_periodic",
            "time_windows"]
@@ -258,17 +260,36 @@ class Timed(NamedTuple):
   metrics: Any
 
 
+@contextlib.contextmanager
+def no_gc():
+  """Python's garbage collector collected before and off within (as ``timeit``
+  does). A benchmark process holds every method's traced and compiled programs,
+  and a full collection over them took about 0.45 s on this machine: one landing
+  in a 100-step window of plain's mfeat step (about 4 ms a step) doubled its
+  time; which windows it hit changed from run to run (issue 17)."""
+  gc.collect()
+  was_on = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if was_on:
+      gc.enable()
+
+
 def timed_steps(step_fn, state, inputs: Iterable[tuple]) -> Timed:
   """The timing loop: ``step_fn(state, *inputs[i])`` (``(batch, key)`` or
   ``(batch, key, step)``, usually already on the device), one
-  ``block_until_ready`` at the end."""
+  ``block_until_ready`` at the end, the garbage collector off (:func:`no_gc`)."""
   import jax
-  t0, c0 = time.perf_counter(), time.process_time()
-  metrics = None
-  for args in inputs:
-    state, metrics = step_fn(state, *args)
-  jax.block_until_ready((state, metrics))
-  return Timed(time.perf_counter() - t0, time.process_time() - c0, state, metrics)
+  with no_gc():
+    t0, c0 = time.perf_counter(), time.process_time()
+    metrics = None
+    for args in inputs:
+      state, metrics = step_fn(state, *args)
+    jax.block_until_ready((state, metrics))
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+  return Timed(seconds, cpu_seconds, state, metrics)
 
 
 def step_rate(run, steps: int) -> float:
@@ -291,11 +312,12 @@ def time_calls(fn, args: Sequence, calls: int = 1, repeats: int = 3) -> float:
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / calls)
+    with no_gc():
+      t0 = time.perf_counter()
+      for _ in range(calls):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      times.append((time.perf_counter() - t0) / calls)
   return statistics.median(times)
 
 

@@ -384,3 +384,26 @@ def test_spearman_interval_resamples_whole_runs():
   c = script.spearman(points, resamples=200)
   assert c["lo"] < c["rho"] < 1.0 and c["lo"] < c["hi"] <= 1.0
   assert script.spearman(points[:3])["lo"] is None
+
+
+def test_timing_windows_run_without_the_garbage_collector():
+  """``harness.no_gc`` (around every timed window): the collector is off inside
+  and back as it was afterwards, also after an error or when it was already off."""
+  import gc
+  harness = load_script("harness")
+  assert gc.isenabled()
+  seen = []
+  harness.timed_steps(lambda state, x: (seen.append(gc.isenabled()) or state, {}), 0,
+                      [(1,), (2,)])
+  assert seen == [False, False] and gc.isenabled()
+  with pytest.raises(RuntimeError):
+    with harness.no_gc():
+      raise RuntimeError("inside")
+  assert gc.isenabled()
+  gc.disable()
+  try:
+    with harness.no_gc():
+      pass
+    assert not gc.isenabled()
+  finally:
+    gc.enable()
