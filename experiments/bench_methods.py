@@ -102,8 +102,8 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from harness import (alternate, amortising_window, bench_workloads, compile_periodic,
-                     copy_tree, device_inputs, gflops, host_steps, log, no_gc, parser, step_gflops,
-                     time_windows, window_inputs, workload_flags, write_results)
+                     copy_tree, device_inputs, gflops, host_steps, log, no_gc, parser,
+                     step_gflops, time_windows, window_inputs, workload_flags, write_results)
 from modalimmune_jax import methods, train
 from modalimmune_jax.config import with_overrides
 from modalimmune_jax.hypergrad import POWER_ITERATIONS, neumann_hypergrad
@@ -410,9 +410,10 @@ def bench_hyper(args, plain, fresh_plain, all_on):
       log(f"  compiled {name} ({compile_s[name]:.1f} s, including one call)")
     walls = []
     for _ in range(repeats):
-      t0 = time.perf_counter()
-      g, cert = jax.block_until_ready(fns[solver, relative](*args_))
-      walls.append(time.perf_counter() - t0)
+      with no_gc():
+        t0 = time.perf_counter()
+        g, cert = jax.block_until_ready(fns[solver, relative](*args_))
+        walls.append(time.perf_counter() - t0)
     return g, jax.tree.map(lambda x: x.item(), cert._asdict()), statistics.median(walls)
 
   def dist(a, b):

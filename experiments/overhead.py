@@ -29,13 +29,10 @@ Writes ``OUT/overhead.{json,md}`` (``--out`` default
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import jax
 import numpy as np
 
-from harness import get_config, log, parser, write_results
+from harness import get_config, log, parser, time_calls, write_results
 from modalimmune_jax import train
 from modalimmune_jax.config import with_overrides
 from modalimmune_jax.step import shard_batch
@@ -66,13 +63,7 @@ def latency_ms(run, repeats: int) -> float:
   params = run.state.params
   batch = jax.tree.map(lambda x: x[:1], run.batches(0))
   forward = jax.jit(lambda p, b: run.model.apply(p, b, None, train=False)["outputs"])
-  jax.block_until_ready(forward(params, batch))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(forward(params, batch))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+  return 1e3 * time_calls(forward, (params, batch), repeats=repeats)
 
 
 def main(argv=None):
